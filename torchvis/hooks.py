@@ -1,0 +1,260 @@
+"""The hook core: the only module in torchvis that registers hooks.
+
+Everything that attaches to a model or a tensor here is a context manager that removes what it
+attached in ``finally`` — also when the model raises. Layers are addressed by the dotted names of
+``model.named_modules()`` or by the module object itself.
+
+Public pieces:
+
+- :func:`resolve_layer` — a name or module to ``(name, module)``; unknown names list close matches.
+- :func:`capture` — record chosen layers' outputs (and the gradients that reach them).
+- :func:`forward_hooks` — attach arbitrary forward (pre-)hooks for the duration of a block.
+- :func:`guided_relus` — route every ReLU (module or functional) through the guided-backprop rule.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.hooks import RemovableHandle
+
+LayerRef = str | nn.Module
+ForwardHook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
+ForwardPreHook = Callable[[nn.Module, tuple[Any, ...]], Any]
+
+
+def resolve_layer(model: nn.Module, layer: LayerRef) -> tuple[str, nn.Module]:
+    """Return ``(dotted name, module)`` for a layer given by name or by module object.
+
+    Raises ``ValueError`` for a name that ``model.named_modules()`` does not know (listing the
+    closest names) or for a module object that is not part of ``model``.
+    """
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer:
+                return name, module
+        raise ValueError(f"the module {type(layer).__name__} is not a submodule of the model")
+    if not isinstance(layer, str):
+        raise TypeError(f"a layer is a dotted name or an nn.Module, not {type(layer).__name__}")
+    modules = dict(model.named_modules())
+    if layer in modules:
+        return layer, modules[layer]
+    close = difflib.get_close_matches(layer, [n for n in modules if n], n=5, cutoff=0.4)
+    hint = f"closest: {', '.join(repr(n) for n in close)}" if close else "see model.named_modules()"
+    raise ValueError(f"unknown layer {layer!r}; {hint}")
+
+
+@contextmanager
+def forward_hooks(
+    hooks: Iterable[tuple[nn.Module, ForwardHook]],
+    pre_hooks: Iterable[tuple[nn.Module, ForwardPreHook]] = (),
+) -> Iterator[None]:
+    """Attach forward hooks (and pre-hooks) for the duration of the block; always remove them."""
+    handles: list[RemovableHandle] = []
+    try:
+        for module, pre in pre_hooks:
+            handles.append(module.register_forward_pre_hook(pre))
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class Recording:
+    """What :func:`capture` saw while its block ran.
+
+    For each captured layer name: ``outputs[name]`` is the output of the layer's last call (``[B,K,h,w]``
+    for a conv layer), still connected to the autograd graph — differentiate against it, or
+    ``.detach()`` it to keep it. Later in-place operations in the model act on a copy, so the recorded
+    tensor keeps the values the layer produced. ``grads[name]`` is the gradient that reached that output
+    in the last backward pass run inside the block (absent if none ran). ``calls[name]`` counts the
+    layer's calls.
+    """
+
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    calls: Counter[str] = field(default_factory=Counter)
+    _versions: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def output(self, name: str) -> Tensor:
+        """The recorded output of ``name``, checked to be unmodified since the layer returned it."""
+        if name not in self.outputs:
+            raise RuntimeError(f"layer {name!r} did not run during the forward pass")
+        out = self.outputs[name]
+        if out._version != self._versions[name]:
+            raise RuntimeError(
+                f"the output of layer {name!r} was modified in place after the layer returned it "
+                "(it aliases a tensor that a later operation changed); choose another layer"
+            )
+        return out
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[LayerRef]) -> Iterator[Recording]:
+    """Record the outputs of ``layers`` (and the gradients reaching them) while the block runs.
+
+    Example::
+
+        with capture(model, ["layer4"]) as rec:
+            score = model(x)[:, 3].sum()
+            grad, = torch.autograd.grad(score, rec.outputs["layer4"])
+        rec.grads["layer4"]  # the same gradient, recorded by a tensor hook
+
+    Uses forward hooks and tensor hooks only (``register_full_backward_hook`` fails on in-place ReLU).
+    The layer passes a copy of its output downstream, so an in-place op after the layer cannot corrupt
+    the recorded tensor.
+    """
+    resolved = [resolve_layer(model, layer) for layer in layers]
+    rec = Recording()
+    grad_handles: dict[str, RemovableHandle] = {}
+
+    def make_hook(name: str) -> ForwardHook:
+        def store_grad(grad: Tensor) -> None:
+            rec.grads[name] = grad
+
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor:
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"layer {name!r} returned {type(output).__name__}; capture needs a tensor output"
+                )
+            rec.calls[name] += 1
+            rec.outputs[name] = output
+            rec._versions[name] = output._version
+            if name in grad_handles:  # a module called again: only its last call is recorded
+                grad_handles.pop(name).remove()
+            if output.requires_grad:
+                grad_handles[name] = output.register_hook(store_grad)
+            return output.clone()
+
+        return hook
+
+    try:
+        with forward_hooks((module, make_hook(name)) for name, module in resolved):
+            yield rec
+    finally:
+        for handle in grad_handles.values():
+            handle.remove()
+
+
+class ModuleOutput(NamedTuple):
+    """One call of a submodule seen by :func:`feature_maps`."""
+
+    name: str
+    module: nn.Module
+    output: Tensor
+    version: int  # output._version when the module returned; a later value means an in-place change
+
+
+@contextmanager
+def feature_maps(model: nn.Module) -> Iterator[list[ModuleOutput]]:
+    """Record, in the order the modules finish, every submodule's 4-D tensor output ``[B,K,h,w]``.
+
+    Yields a list that fills as the block's forward pass runs; a module called several times
+    appears once per call. Outputs are not copied.
+    """
+    seen: list[ModuleOutput] = []
+
+    def make_hook(name: str) -> ForwardHook:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            if isinstance(output, Tensor) and output.dim() == 4:
+                seen.append(ModuleOutput(name, module, output, output._version))
+
+        return hook
+
+    modules = [(module, make_hook(name)) for name, module in model.named_modules() if name]
+    with forward_hooks(modules):
+        yield seen
+
+
+# --- guided backprop -------------------------------------------------------------------------------
+
+class _GuidedReLU(torch.autograd.Function):
+    """ReLU whose backward passes a gradient only where input and gradient are both positive.
+
+    Springenberg et al., "Striving for Simplicity: The All Convolutional Net", ICLR-W 2015.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        out = x.clamp_min(0)
+        # The output, not the input, is saved: an in-place ReLU overwrites its input afterwards.
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return grad.clamp_min(0).masked_fill_(out <= 0, 0)
+
+
+# Rectifier-like activations whose gradient guided backprop would need a rule for; we warn, since
+# their gradients pass through unchanged.
+UNTREATED_ACTIVATIONS = frozenset({
+    "gelu", "silu", "silu_", "elu", "elu_", "selu", "selu_", "celu", "celu_", "leaky_relu",
+    "leaky_relu_", "prelu", "rrelu", "rrelu_", "relu6", "hardtanh", "hardtanh_", "hardswish",
+    "hardswish_", "mish", "mish_", "softplus",
+})
+
+
+@dataclass
+class ActivationReport:
+    """What :func:`guided_relus` saw: ReLU calls rewritten and other activations left alone."""
+
+    relu_calls: int = 0
+    untreated: Counter[str] = field(default_factory=Counter)
+
+
+class _GuidedReLUMode(TorchFunctionMode):
+    """Sees every relu call — ``nn.ReLU`` (in place or not), ``F.relu``, ``torch.relu``,
+    ``Tensor.relu``, ``relu_`` — which module hooks alone cannot (they miss functional calls)."""
+
+    def __init__(self, report: ActivationReport) -> None:
+        super().__init__()
+        self.report = report
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in ("relu", "relu_") and args and isinstance(args[0], Tensor):
+            x = args[0]
+            inplace = name == "relu_" or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            self.report.relu_calls += 1
+            out = _GuidedReLU.apply(x)
+            if inplace:
+                # Keep in-place semantics (callers may ignore the return value); the copy's gradient
+                # flows into `out`, hence through the guided rule.
+                return x.copy_(out)
+            return out
+        if name in UNTREATED_ACTIVATIONS:
+            self.report.untreated[name] += 1
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def guided_relus() -> Iterator[ActivationReport]:
+    """Within the block, every ReLU call builds a graph whose backward follows the guided rule.
+
+    Only the forward pass must run inside the block; the backward may run after it. Yields a report
+    of the ReLU calls rewritten and the non-ReLU activations seen (whose gradients stay plain).
+    TorchScript models run their ops outside Python, where this cannot see them.
+    """
+    report = ActivationReport()
+    with _GuidedReLUMode(report):
+        yield report
