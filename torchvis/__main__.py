@@ -1,0 +1,5 @@
+import sys
+
+from torchvis.cli import main
+
+sys.exit(main())
