@@ -41,7 +41,7 @@ OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
 def configure(parser: argparse.ArgumentParser) -> None:
     """Declare the demo's options."""
     parser.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
-    parser.add_argument("--every", type=int, default=10, help="log maps every N optimizer steps (default: 10)")
+    parser.add_argument("--every", type=int, default=10, help="log maps every N optimizer steps (default 10)")
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS),
         help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; known: {', '.join(METHODS)})",
@@ -101,12 +101,14 @@ def _one_per_class(data: DigitsData) -> torch.Tensor:
 
 
 def _save_panel(
-    model: torch.nn.Module, x: torch.Tensor, methods: list[str], layer: str, options: dict[str, int], path: Path
+    model: torch.nn.Module, x: torch.Tensor, methods: list[str], layer: str, options: dict[str, int],
+    path: Path,
 ) -> None:
     """Rows = probe digits; columns = the digit, then one map per method, enlarged 4x."""
     maps = explain(model, x, methods=methods, layer=layer, **options)
     display = input_display(x, MNIST_MEAN, MNIST_STD)
-    pictures = [render_map(m.float(), display, LOOKS.get(k.split("/")[0], Look.SIGNED)) for k, m in maps.items()]
+    pictures = [render_map(m.float(), display, LOOKS.get(k.split("/")[0], Look.SIGNED))
+                for k, m in maps.items()]
     tiles = [image.to_rgb(display)] + pictures
     big = [torch.nn.functional.interpolate(t, scale_factor=4, mode="nearest") for t in tiles]
     picture = image.panel(big[0], big[1:])

@@ -86,7 +86,7 @@ def explain(
         assert guided.input_grad is not None
         guided_grad = results["guided_backprop"] = guided.input_grad.to(x.dtype)
     for layer_name in plain.layer_names if cams else ():
-        suffix = f"/{layer_name}" if len(layers) > 1 else ""
+        suffix = f"/{layer_name}" if isinstance(layer, (list, tuple)) else ""
         act, grad = plain.activations[layer_name], plain.grads[layer_name]
         if "grad_cam" in names:
             relu, upsample = opts["grad_cam"].get("relu", True), opts["grad_cam"].get("upsample", True)

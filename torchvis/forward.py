@@ -6,7 +6,7 @@ global RNG, and restores every submodule's ``training`` flag in ``finally``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -43,12 +43,15 @@ def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool =
     try:
         # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
         with torch.random.fork_rng(devices=cuda), torch.enable_grad() if grad else nullcontext():
-            if eval_mode:
+            # Skipped when every module is already in eval mode: setting a module attribute costs
+            # microseconds, which add up per call on large models and small inputs.
+            if eval_mode and any(training for _, training in modes):
                 model.eval()
             yield
     finally:
         for module, training in modes:
-            module.training = training
+            if module.training != training:
+                module.training = training
 
 
 def grad_leaf(x: Tensor) -> Tensor:
@@ -90,6 +93,10 @@ def resolve_target(target: Target, logits: Tensor) -> Tensor:
         if not 0 <= target < classes:
             raise ValueError(f"target {target} is out of range for {classes} classes")
         return torch.full((batch,), target, dtype=torch.long, device=logits.device)
+    if isinstance(target, (float, str)) or not isinstance(target, (Tensor, Iterable)):
+        raise TypeError(
+            f"target must be an int, a sequence of ints or an integer tensor, not {type(target).__name__}"
+        )
     t = target if isinstance(target, Tensor) else torch.as_tensor(list(target))
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"target must hold integer class indices, not {t.dtype}")

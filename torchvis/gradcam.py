@@ -16,6 +16,11 @@ def cam(activation: Tensor, grad: Tensor, *, relu: bool = True) -> Tensor:
     Channel weights are the spatial mean of the gradient; the map is the weighted channel sum,
     rectified unless ``relu=False``. Returns ``[B,1,h,w]``.
     """
+    if activation.dim() != 4:
+        raise ValueError(
+            "Grad-CAM needs a layer whose output is a feature map [B,K,h,w]; got shape "
+            f"{list(activation.shape)}"
+        )
     weights = grad.mean(dim=(2, 3), keepdim=True)
     heat = (weights * activation).sum(dim=1, keepdim=True)
     return heat.clamp_min(0) if relu else heat

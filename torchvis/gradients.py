@@ -82,7 +82,8 @@ def gradient_pass(
             hooks.feature_maps(model) if None in requested else nullcontext([])
         )
         with hooks.capture(model, named) as rec, guide as report, auto as maps:
-            logits = checked_logits(model(xi), x.shape[0])
+            # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
+            logits = checked_logits(model(xi.clone()), x.shape[0])
         if report is not None and report.untreated:
             _warn_untreated(report)
         outputs = {name: _single_call_output(rec, name) for name in named}

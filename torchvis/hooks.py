@@ -186,16 +186,23 @@ class _GuidedReLU(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        out = x.clamp_min(0)
-        # The output, not the input, is saved: an in-place ReLU overwrites its input afterwards.
+    def forward(ctx: Any, x: Tensor, inplace: bool) -> Tensor:
+        if inplace:
+            # Rectify in place, as the model asked: no copy of the activation, and autograd checks
+            # later in-place changes to it exactly as it does for a plain ``relu_``.
+            ctx.mark_dirty(x)
+            out = x.clamp_min_(0)
+        else:
+            out = x.clamp_min(0)
+        # The output, not the input, is saved: an in-place ReLU overwrites its input.
         ctx.save_for_backward(out)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
-        return grad.clamp_min(0).masked_fill_(out <= 0, 0)
+        # threshold_backward zeroes the gradient where out <= 0 (the plain ReLU rule) in one pass.
+        return torch.ops.aten.threshold_backward(grad, out, 0).clamp_min_(0), None
 
 
 # Rectifier-like activations whose gradient guided backprop would need a rule for; we warn, since
@@ -236,12 +243,8 @@ class _GuidedReLUMode(TorchFunctionMode):
             x = args[0]
             inplace = name == "relu_" or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
             self.report.relu_calls += 1
-            out = _GuidedReLU.apply(x)
-            if inplace:
-                # Keep in-place semantics (callers may ignore the return value); the copy's gradient
-                # flows into `out`, hence through the guided rule.
-                return x.copy_(out)
-            return out
+            # In place, the result is ``x`` itself (callers may ignore the return value).
+            return _GuidedReLU.apply(x, inplace)
         if name in UNTREATED_ACTIVATIONS:
             self.report.untreated[name] += 1
         return func(*args, **kwargs)

@@ -26,7 +26,10 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
 
 
 def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    # Anything but an int or a tuple/list (a float, say) fails the length check below.
+    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if isinstance(value, int):
+        pair = (value, value)
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{what} must be an int or a pair of ints; got {value!r}")
     return pair[0], pair[1]
@@ -85,7 +88,7 @@ def occlusion(
     windows = [(i, j) for i in window_starts(height, wh, sh) for j in window_starts(width, ww, sw)]
 
     with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode():
-        logits = checked_logits(model(x), batch)
+        logits = checked_logits(model(x.clone()), batch)  # a model may change its input in place
         check_finite(logits)
         t = resolve_target(target, logits)
         clean = logits.gather(1, t[:, None])[:, 0]
