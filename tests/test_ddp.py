@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -23,15 +22,6 @@ from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALA
 from torchvis.tensorboard import log_attributions
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ddp_monitor.py"
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """As the workers (OMP_NUM_THREADS=1), so that recomputed maps match theirs bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def example() -> ModuleType:

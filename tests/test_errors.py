@@ -14,8 +14,6 @@ from torchvis.explain import METHODS, explain
 from torchvis.gradcam import grad_cam, guided_grad_cam
 from torchvis.occlusion import occlusion
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 # What each registered method needs to run on SmallCNN (conftest).
 OPTIONS: dict[str, dict[str, Any]] = {
     "saliency": {},

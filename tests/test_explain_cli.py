@@ -36,7 +36,6 @@ from torchvis.saliency import guided_backprop, saliency
 
 MNIST = Preprocess(28, (MNIST_MEAN,), (MNIST_STD,))
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors; see conftest
 
 
 @pytest.fixture(scope="module")

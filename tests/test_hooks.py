@@ -11,8 +11,6 @@ from torch import Tensor, nn
 
 from torchvis.hooks import capture, feature_maps, forward_hooks, guided_relus, resolve_layer
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 class Boom(Exception):
     pass
@@ -151,3 +149,18 @@ def test_resolve_layer_rejects_foreign_module_and_unknown_name() -> None:
     assert "'1.0'" in str(info.value)
     with pytest.raises(TypeError):
         resolve_layer(model, 3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("compile_with", ["script", "trace"])
+def test_torchscript_models_are_refused_with_a_clear_error(
+    small_cnn: Callable[[int], nn.Module], randn: Callable[..., Tensor], compile_with: str
+) -> None:
+    from torchvis.gradcam import grad_cam
+
+    model, x = small_cnn(0), randn(0, 2, 3, 8, 8)
+    # Scripted modules refuse hooks; traced ones would accept them and silently never call them.
+    compiled = torch.jit.script(model) if compile_with == "script" else torch.jit.trace(model, x)
+    with pytest.raises(TypeError, match="TorchScript module"), capture(compiled, ["conv3"]):
+        compiled(x)
+    with pytest.raises(TypeError, match="TorchScript module"):
+        grad_cam(compiled, x, layer="conv3")

@@ -13,8 +13,6 @@ from torch import Tensor, nn
 
 from torchvis.explain import METHODS, explain
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 # What each registered method needs to run on HygieneNet. "bn1" is followed by an in-place ReLU.
 OPTIONS: dict[str, dict[str, Any]] = {
     "saliency": {},

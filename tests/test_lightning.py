@@ -32,14 +32,11 @@ OPTIONS: dict[str, Any] = dict(layer="conv", mean=MEAN, std=STD)
 
 
 @pytest.fixture(autouse=True)
-def quiet_and_one_thread() -> Iterator[None]:
-    """One intra-op thread (tiny models on shared cores); Lightning's advice about workers is noise here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def quiet() -> Iterator[None]:
+    """Lightning's advice about data-loader workers and logging intervals is noise here."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|log_every_n_steps).*")
         yield
-    torch.set_num_threads(threads)
 
 
 class Tiny(pl.LightningModule):

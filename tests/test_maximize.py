@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -20,16 +20,6 @@ from torchvis.maximize import (
     to_images,
     unit_activations,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    # Tiny ops in a 100-step loop: on a shared 2-core machine OpenMP's barrier costs more than the
-    # work (measured 16 ms vs 5 us per 2x36 matmul under load). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def linear_model(shape: tuple[int, int, int], classes: int = 3, seed: int = 1) -> tuple[nn.Module, Tensor]:

@@ -17,8 +17,6 @@ from torchvis.gradcam import grad_cam, guided_grad_cam
 from torchvis.occlusion import occlusion
 from torchvis.saliency import guided_backprop, saliency
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 SEEDS = [0, 1, 2]
 
 

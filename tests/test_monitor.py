@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +27,6 @@ from torchvis.monitor import Monitor
 from torchvis.tensorboard import PNGWriter
 
 MEAN, STD = 0.5, 0.25
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on 2 shared cores run ~10x faster without intra-op threads fighting for them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DropoutCNN(nn.Module):

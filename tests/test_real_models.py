@@ -15,8 +15,6 @@ from torchvision.models import vgg11
 from torchvis.gradcam import grad_cam, guided_grad_cam
 from torchvis.saliency import guided_backprop, saliency
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 def assert_matches(got: Tensor, expected: Tensor) -> None:
     """Equal up to float64 rounding, relative to the map's own scale (gradients can be tiny)."""

