@@ -21,8 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from torchvis.image import grid, render
-from torchvis.tensorboard import Look, PNGWriter, classes_text, log_attributions
+from torchvis.image import Look, grid, render
+from torchvis.tensorboard import PNGWriter, classes_text, log_attributions
 
 MEAN, STD = (0.2, 0.5, 0.4), (0.3, 0.25, 0.5)
 

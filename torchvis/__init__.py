@@ -10,12 +10,13 @@ from torchvis.features import feature_grid, feature_maps, log_feature_maps, top_
 from torchvis.filters import filter_grid, filters, log_filters
 from torchvis.gradcam import grad_cam, guided_grad_cam
 from torchvis.hooks import Recording, capture, resolve_layer
+from torchvis.image import Look
 from torchvis.maximize import Channel, Logit, maximize, parse_unit, to_images, unit_activations
 from torchvis.monitor import Monitor
 from torchvis.occlusion import occlusion
 from torchvis.saliency import guided_backprop, saliency
 from torchvis.summary import Summary, log_summary, summary
-from torchvis.tensorboard import Look, PNGWriter, log_attributions
+from torchvis.tensorboard import PNGWriter, log_attributions
 
 __version__ = "0.1.0"
 

@@ -33,7 +33,7 @@ from torchvis.digits import (
 )
 from torchvis.explain import METHODS, explain
 from torchvis.monitor import Monitor
-from torchvis.tensorboard import LOOKS, Look, input_display, render_map
+from torchvis.tensorboard import input_display
 
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion")
 OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
@@ -108,9 +108,8 @@ def _save_panel(
     """Rows = probe digits; columns = the digit, then one map per method, enlarged 4x."""
     maps = explain(model, x, methods=methods, layer=layer, **options)
     display = input_display(x, MNIST_MEAN, MNIST_STD)
-    pictures = [render_map(m.float(), display, LOOKS.get(k.split("/")[0], Look.SIGNED))
-                for k, m in maps.items()]
+    pictures = [image.render_map(m.float(), display, image.look_of(k)) for k, m in maps.items()]
     tiles = [image.to_rgb(display)] + pictures
     big = [torch.nn.functional.interpolate(t, scale_factor=4, mode="nearest") for t in tiles]
     picture = image.panel(big[0], big[1:])
-    Image.fromarray((picture * 255).round().byte().permute(1, 2, 0).cpu().numpy()).save(path)
+    Image.fromarray(image.to_uint8(picture).permute(1, 2, 0).numpy()).save(path)

@@ -15,10 +15,10 @@ import torch
 from matplotlib.colors import Colormap
 from torch import Tensor, nn
 
-from torchvis.filters import ImagesWriter, checked_indices, to_uint8, upscale
+from torchvis.filters import ImagesWriter, checked_indices, upscale
 from torchvis.forward import check_input, guarded
 from torchvis.hooks import LayerRef, capture, forward_hooks, resolve_layer
-from torchvis.image import colorize, grid
+from torchvis.image import colorize, grid, to_uint8
 
 __all__ = ["feature_grid", "feature_maps", "log_feature_maps", "top_channels"]
 

@@ -2,7 +2,7 @@
 
 Pure functions from tensors to a matplotlib ``Figure`` or an RGB array; no pyplot (so no global
 figure registry and no GUI backend), no files. Each map is drawn as TensorBoard draws it
-(:data:`torchvis.tensorboard.LOOKS`): Grad-CAM as an "inferno" overlay on the input, occlusion as a
+(:data:`torchvis.image.LOOKS`): Grad-CAM as an "inferno" overlay on the input, occlusion as a
 signed "bwr" overlay (red: hiding the patch lowers the score), saliency as a signed "bwr" map, guided
 backprop and guided Grad-CAM as RGB gradient pictures (grey is zero; "bwr" for grey inputs).
 """
@@ -17,8 +17,6 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from torchvis import image as im
-from torchvis import tensorboard as tb
-from torchvis.tensorboard import LOOKS, Look
 
 __all__ = ["TITLES", "explanation_figure", "figure_rgb", "panel_boxes", "render_map"]
 
@@ -37,10 +35,11 @@ _PANEL, _GAP, _MARGIN, _TITLES = 2.4, 0.1, 0.1, 0.75
 
 def render_map(method: str, attr: Tensor, image: Tensor) -> Tensor:
     """One raw map ``[C|1,h,w]`` of ``method`` for the input ``image`` ``[C,H,W]`` in [0, 1], drawn in
-    the method's look (:data:`torchvis.tensorboard.LOOKS`, as in TensorBoard). Returns ``[3,H,W]`` in
+    the method's look (:data:`torchvis.image.LOOKS`, as in TensorBoard). Returns ``[3,H,W]`` in
     [0, 1] (``[3,h,w]`` for the looks drawn without the input)."""
-    look = LOOKS.get(method.split("/")[0], Look.SIGNED)
-    return tb.render_map(attr.detach().float().cpu()[None], image.detach().float().cpu()[None], look)[0]
+    picture = im.render_map(attr.detach().float().cpu()[None], image.detach().float().cpu()[None],
+                                 im.look_of(method))
+    return picture[0]
 
 
 def explanation_figure(

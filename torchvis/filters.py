@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from torchvis.hooks import LayerRef, resolve_layer
-from torchvis.image import grid
+from torchvis.image import grid, to_uint8
 
 __all__ = [
     "MAX_TILES",
@@ -32,7 +32,6 @@ __all__ = [
     "filter_grid",
     "filters",
     "log_filters",
-    "to_uint8",
     "upscale",
 ]
 
@@ -44,11 +43,6 @@ class ImagesWriter(Protocol):
     """Anything with ``add_images``: ``SummaryWriter``, Lightning's ``logger.experiment``, ``PNGWriter``."""
 
     def add_images(self, tag: str, img_tensor: Any, global_step: int | None = None) -> None: ...
-
-
-def to_uint8(picture: Tensor) -> Tensor:
-    """[...] in [0, 1] -> uint8 on the CPU, rounded, as :mod:`torchvis.tensorboard` sends images."""
-    return (picture * 255).round_().to(torch.uint8).cpu()
 
 
 def conv_layers(model: nn.Module) -> list[str]:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from enum import Enum
 
 import matplotlib
 import numpy as np
@@ -41,6 +42,10 @@ from matplotlib.colors import Colormap
 from torch import Tensor
 
 __all__ = [
+    "LOOKS",
+    "Look",
+    "look_of",
+    "render_map",
     "colorize",
     "denormalize",
     "grid",
@@ -50,6 +55,7 @@ __all__ = [
     "panel",
     "render",
     "to_rgb",
+    "to_uint8",
 ]
 
 SEQUENTIAL = "inferno"
@@ -221,6 +227,12 @@ def overlay(heat: Tensor, image: Tensor, *, alpha: float = 0.5) -> Tensor:
     return (1 - alpha) * to_rgb(image) + alpha * to_rgb(heat)
 
 
+def to_uint8(picture: Tensor) -> Tensor:
+    """Pictures in [0, 1] (any shape) as uint8 on the CPU, rounded: what image sinks store, so they
+    need not guess a scale (one device-to-host copy)."""
+    return (picture * 255).round_().to(torch.uint8).cpu()
+
+
 def grid(images: Tensor, *, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> Tensor:
     """Tile [B,1|3,H,W] images in [0, 1], ``nrow`` per row (as torchvision's make_grid).
 
@@ -278,3 +290,48 @@ def render(attr: Tensor, image: Tensor | None = None, *, signed: bool = False,
         # colour off the map (blue + red = purple, where "bwr" says white).
         norm = F.interpolate(norm, size=image.shape[-2:], mode="bilinear", align_corners=False)
     return overlay(colorize(norm, cmap, signed=signed), image, alpha=alpha)
+
+
+# --- a look per method ------------------------------------------------------------------------
+
+class Look(Enum):
+    """How a raw map becomes a picture (the defaults are :data:`LOOKS`).
+
+    Gradients (saliency) are signed, so they get the diverging map (white = 0, red = evidence for the
+    class, blue = against) on their own; guided backprop keeps its colour channels on mid-grey;
+    Grad-CAM is non-negative and coarse, so it gets the sequential map blended over the input; the
+    occlusion score drop is signed (hiding a patch can raise the score), blended over the input.
+    """
+
+    SIGNED = "signed"  # diverging map alone, zero exactly white
+    SIGNED_OVERLAY = "signed_overlay"  # diverging map blended over the input
+    HEAT_OVERLAY = "heat_overlay"  # magnitude, sequential map blended over the input
+    RGB = "rgb"  # channels kept, zero mid-grey (SIGNED for one-channel inputs)
+
+
+LOOKS: dict[str, Look] = {
+    "saliency": Look.SIGNED,
+    "guided_backprop": Look.RGB,
+    "guided_grad_cam": Look.RGB,
+    "grad_cam": Look.HEAT_OVERLAY,
+    "occlusion": Look.SIGNED_OVERLAY,
+}
+"""Default look per method name; any other method is drawn ``Look.SIGNED``."""
+
+
+def look_of(key: str, overrides: Mapping[str, Look] | None = None) -> Look:
+    """The look of a map keyed by method name (``"grad_cam/layer4"`` counts as ``"grad_cam"``)."""
+    method = key.split("/")[0]
+    return (overrides or {}).get(method) or LOOKS.get(method, Look.SIGNED)
+
+
+def render_map(attr: Tensor, display: Tensor, look: Look) -> Tensor:
+    """A raw map ``[B,C,h,w]`` drawn in ``look``: pictures ``[B,3,H,W]`` in [0, 1], where ``display``
+    ``[B,1|3,H,W]`` in [0, 1] is the input (for overlays)."""
+    if look is Look.RGB and attr.shape[1] == 3:
+        return normalize_rgb(attr)
+    if look is Look.HEAT_OVERLAY:
+        return render(attr, display)
+    if look is Look.SIGNED_OVERLAY:
+        return render(attr, display, signed=True)
+    return render(attr, signed=True)

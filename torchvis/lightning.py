@@ -27,8 +27,9 @@ except ImportError:
 
 from torchvis.forward import Target, check_input
 from torchvis.hooks import LayerRef
+from torchvis.image import Look
 from torchvis.monitor import Monitor
-from torchvis.tensorboard import Labels, Look, Methods, Stats, check_logging
+from torchvis.tensorboard import Labels, Methods, Stats, check_logging
 
 __all__ = ["AttributionCallback"]
 

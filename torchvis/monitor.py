@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from torchvis.forward import Target
 from torchvis.hooks import LayerRef
+from torchvis.image import Look
 from torchvis.tensorboard import (
     Labels,
-    Look,
     Methods,
     Sink,
     Stats,

@@ -17,12 +17,8 @@ tag                            content
 ``<prefix>/probe_accuracy``    scalar, when ``labels`` are given and the sink has ``add_scalar``
 =============================  =====================================================================
 
-Each map is drawn in the :class:`Look` of its method (:data:`LOOKS`; override with ``looks=``):
-gradients (saliency) are signed, so they get a diverging map (white = 0, red = evidence for the
-class, blue = against) on their own; guided backprop keeps its colour channels on mid-grey (a
-diverging map for grey inputs); Grad-CAM is non-negative and coarse, so it gets "inferno" blended
-over the input; occlusion (score drop, negative where hiding a patch raises the score) gets the
-diverging map blended over the input. Images go to the sink as uint8 ``[1,3,H,W]`` on the CPU: one
+Each map is drawn in the look of its method (:data:`torchvis.image.LOOKS`, where the choices are
+explained; override with ``looks=``). Images go to the sink as uint8 ``[1,3,H,W]`` on the CPU: one
 device-to-host copy per grid, and no sink-side scaling to guess.
 
 :class:`PNGWriter` is a sink for people who do not open TensorBoard: ``<folder>/<tag>/step_000100.png``
@@ -37,7 +33,6 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +44,7 @@ from torchvis import image
 from torchvis.explain import METHODS, explain, method_name
 from torchvis.forward import Target, check_input, checked_logits, guarded, resolve_target
 from torchvis.hooks import LayerRef, resolve_layer
+from torchvis.image import Look
 
 NROW = 8  # tiles per grid row, as TensorBoard's own add_images grid
 
@@ -62,23 +58,6 @@ class Sink(Protocol):
     def add_text(self, tag: str, text_string: str, global_step: int | None = None) -> None: ...
 
 
-class Look(Enum):
-    """How a raw map becomes a picture (see the module docstring)."""
-
-    SIGNED = "signed"  # diverging map alone, zero exactly white
-    SIGNED_OVERLAY = "signed_overlay"  # diverging map blended over the input
-    HEAT_OVERLAY = "heat_overlay"  # magnitude, sequential map blended over the input
-    RGB = "rgb"  # channels kept, zero mid-grey (SIGNED for one-channel inputs)
-
-
-LOOKS: dict[str, Look] = {
-    "saliency": Look.SIGNED,
-    "guided_backprop": Look.RGB,
-    "guided_grad_cam": Look.RGB,
-    "grad_cam": Look.HEAT_OVERLAY,
-    "occlusion": Look.SIGNED_OVERLAY,
-}
-"""Default look per method name; any other method is drawn ``Look.SIGNED``."""
 
 Stats = float | Sequence[float]
 Labels = Tensor | Sequence[int]
@@ -132,9 +111,8 @@ def log_attributions(
     display = input_display(x, mean, std).float()
     grids = {f"{prefix}/input": display} if log_inputs else {}
     for key, attr in maps.items():
-        look = (looks or {}).get(key.split("/")[0], LOOKS.get(key.split("/")[0], Look.SIGNED))
-        grids[f"{prefix}/{key}"] = render_map(attr.float(), display, look)
-    logged = {tag: to_uint8(image.grid(tiles, nrow=NROW))[None] for tag, tiles in grids.items()}
+        grids[f"{prefix}/{key}"] = image.render_map(attr.float(), display, image.look_of(key, looks))
+    logged = {tag: image.to_uint8(image.grid(tiles, nrow=NROW))[None] for tag, tiles in grids.items()}
     for tag, grid in logged.items():
         writer.add_images(tag, grid, step)
 
@@ -150,28 +128,12 @@ def log_attributions(
     return logged
 
 
-def render_map(attr: Tensor, display: Tensor, look: Look) -> Tensor:
-    """One raw map [B,C,h,w] as pictures [B,3,H,W] in [0, 1]; ``display`` [B,1|3,H,W] is the input."""
-    if look is Look.RGB and attr.shape[1] == 3:
-        return image.normalize_rgb(attr)
-    if look is Look.HEAT_OVERLAY:
-        return image.render(attr, display)
-    if look is Look.SIGNED_OVERLAY:
-        return image.render(attr, display, signed=True)
-    return image.render(attr, signed=True)
-
-
 def input_display(x: Tensor, mean: Stats | None, std: Stats | None) -> Tensor:
     """The inputs [B,C,H,W] as pictures in [0, 1]: denormalised when ``mean`` and ``std`` are given."""
     if mean is None or std is None:
         return x
     c = x.shape[1]
     return image.denormalize(x, per_channel(mean, c, "mean"), per_channel(std, c, "std"))
-
-
-def to_uint8(picture: Tensor) -> Tensor:
-    """[...] in [0, 1] -> uint8 on the CPU, rounded (one device-to-host copy)."""
-    return (picture * 255).round_().to(torch.uint8).cpu()
 
 
 def classes_text(
