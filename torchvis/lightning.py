@@ -134,7 +134,8 @@ class AttributionCallback(pl.Callback):
             return
         kw = self.kwargs
         check_logging(pl_module, self.images, self.labels, methods=kw["methods"], layer=kw["layer"],
-                      mean=kw["mean"], std=kw["std"], class_names=kw["class_names"], options=self.options)
+                      target=kw["target"], mean=kw["mean"], std=kw["std"], class_names=kw["class_names"],
+                      options=self.options)
         self._started, self.logged_steps = True, []
         if trainer.is_global_zero:
             writer = tensorboard_logger(trainer).experiment

@@ -82,9 +82,8 @@ class Monitor:
         if labels is None:
             raise ValueError("the Monitor needs the probe's labels (the true classes, shown next to the "
                              "predictions); pass labels=[B] class indices")
-        check_logging(model, images, labels, methods=methods, layer=layer, mean=mean, std=std,
+        check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean, std=std,
                       class_names=class_names, options=options)
-        _check_target(target, images.shape[0])
         check_sink(writer)
         check_writable(writer)
         self.model, self.writer, self.every = model, writer, every
@@ -143,14 +142,3 @@ def _flush(writer: Sink) -> None:
     flush: Callable[[], None] | None = getattr(writer, "flush", None)
     if callable(flush) and not is_closed(writer):
         flush()
-
-
-def _check_target(target: Target, batch: int) -> None:
-    if target is None:
-        return
-    if isinstance(target, bool) or (isinstance(target, int) and target < 0):
-        raise ValueError(f"target must be None, a class index or {batch} class indices; got {target!r}")
-    if not isinstance(target, int):
-        t = torch.as_tensor(target)
-        if t.dim() != 1 or t.shape[0] != batch or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"target must hold {batch} integer class indices; got {t.dtype} {list(t.shape)}")

@@ -106,10 +106,27 @@ def occlusion(
         drops = drops.view(len(windows), batch)
 
     # Outside inference mode, so the result is an ordinary tensor the user can compute with.
-    drops = drops.clone()
-    heat = torch.zeros(batch, 1, height, width, dtype=drops.dtype, device=x.device)
-    count = torch.zeros(1, 1, height, width, dtype=drops.dtype, device=x.device)
-    for k, (i, j) in enumerate(windows):
-        heat[:, :, i : i + wh, j : j + ww] += drops[k].view(batch, 1, 1, 1)
-        count[:, :, i : i + wh, j : j + ww] += 1
+    heat = _spread(drops.clone(), (height, width), (wh, ww), (sh, sw))
+    count = _spread(torch.ones_like(drops[:, :1]), (height, width), (wh, ww), (sh, sw))
     return (heat / count).to(x.dtype)
+
+
+def _spread(
+    values: Tensor, size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
+) -> Tensor:
+    """Sum, at every pixel, the values ``[windows, B]`` of the windows covering it: ``[B,1,H,W]``.
+
+    A window covers a band of rows times a band of columns, so the sum is separable: first along the
+    columns for every row of windows at once, then along the rows — one slice addition per row and
+    per column of windows rather than one per window.
+    """
+    (height, width), (wh, ww), (sh, sw) = size, window, stride
+    rows, cols = window_starts(height, wh, sh), window_starts(width, ww, sw)
+    grid = values.t().reshape(-1, len(rows), len(cols))  # [B, rows of windows, columns of windows]
+    bands = grid.new_zeros(grid.shape[0], len(rows), width)
+    for k, j in enumerate(cols):
+        bands[:, :, j : j + ww] += grid[:, :, k : k + 1]
+    heat = grid.new_zeros(grid.shape[0], height, width)
+    for k, i in enumerate(rows):
+        heat[:, i : i + wh, :] += bands[:, k : k + 1, :]
+    return heat.unsqueeze(1)

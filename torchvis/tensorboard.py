@@ -90,7 +90,7 @@ def log_attributions(
     tensor target are moved to the model's device. One extra no-grad forward pass finds the
     predictions; the maps then explain exactly the classes the text shows.
     """
-    check_logging(model, images, labels, methods=methods, layer=layer, mean=mean, std=std,
+    check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean, std=std,
                   class_names=class_names, options=options)
     check_sink(writer)
     device = model_device(model) or images.device
@@ -193,10 +193,12 @@ def check_logging(
     std: Stats | None,
     class_names: Sequence[str] | None,
     options: Mapping[str, Any],
+    target: Target = None,
 ) -> None:
     """Raise for anything that would only fail at a logging step; runs no model."""
     check_input(images)
     batch, channels = images.shape[:2]
+    check_target(target, batch)
     if labels is not None:
         y = torch.as_tensor(labels)
         if y.dim() != 1 or y.shape[0] != batch or y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -223,6 +225,18 @@ def check_logging(
             f"the inputs lie in [{images.min().item():.3g}, {images.max().item():.3g}], not [0, 1]; "
             "pass the mean and std they were normalised with, so they can be shown as images"
         )
+
+
+def check_target(target: Target, batch: int) -> None:
+    """``target`` must be None, a class index, or one class index per example (``batch``)."""
+    if target is None:
+        return
+    if isinstance(target, bool) or (isinstance(target, int) and target < 0):
+        raise ValueError(f"target must be None, a class index or {batch} class indices; got {target!r}")
+    if not isinstance(target, int):
+        t = torch.as_tensor(target)
+        if t.dim() != 1 or t.shape[0] != batch or t.dtype.is_floating_point or t.dtype == torch.bool:
+            raise ValueError(f"target must hold {batch} integer class indices; got {t.dtype} {list(t.shape)}")
 
 
 def _check_options(functions: Mapping[str, Callable[..., Tensor]], options: Mapping[str, Any]) -> None:
