@@ -30,12 +30,13 @@ def check_input(x: object) -> Tensor:
 
 
 @contextmanager
-def restored_modes(model: nn.Module) -> Iterator[None]:
+def restored_modes(model: nn.Module) -> Iterator[list[tuple[nn.Module, bool]]]:
     """Within the block the model's modes may change; afterwards every submodule's ``training`` flag
-    is as before — per submodule, since a user may keep, say, a BatchNorm in eval mode on purpose."""
+    is as before — per submodule, since a user may keep, say, a BatchNorm in eval mode on purpose.
+    Yields the ``(module, training)`` pairs recorded on entry."""
     modes = [(module, module.training) for module in model.modules()]
     try:
-        yield
+        yield modes
     finally:
         for module, training in modes:
             if module.training != training:
@@ -53,10 +54,10 @@ def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool =
         )
     cuda = [x.device] if x.device.type == "cuda" else []
     # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
-    with restored_modes(model), torch.random.fork_rng(devices=cuda):
+    with restored_modes(model) as modes, torch.random.fork_rng(devices=cuda):
         # Skipped when every module is already in eval mode: setting a module attribute costs
         # microseconds, which add up per call on large models and small inputs.
-        if eval_mode and any(module.training for module in model.modules()):
+        if eval_mode and any(training for _, training in modes):
             model.eval()
         with torch.enable_grad() if grad else nullcontext():
             yield

@@ -187,30 +187,14 @@ def feature_maps(model: nn.Module) -> Iterator[list[ModuleOutput]]:
 
 # --- guided backprop -------------------------------------------------------------------------------
 
-class _GuidedReLU(torch.autograd.Function):
-    """ReLU whose backward passes a gradient only where input and gradient are both positive.
+def _positive_part(grad: Tensor) -> Tensor:
+    """The half of the guided rule that a plain ReLU lacks: only a positive gradient flows back.
 
-    Springenberg et al., "Striving for Simplicity: The All Convolutional Net", ICLR-W 2015.
+    Springenberg et al., "Striving for Simplicity: The All Convolutional Net", ICLR-W 2015: at every
+    ReLU the gradient passes where both the forward input and the incoming gradient are positive. The
+    ReLU's own backward masks by the input; this tensor hook, on the ReLU's output, clamps the gradient.
     """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, inplace: bool) -> Tensor:
-        if inplace:
-            # Rectify in place, as the model asked: no copy of the activation, and autograd checks
-            # later in-place changes to it exactly as it does for a plain ``relu_``.
-            ctx.mark_dirty(x)
-            out = x.clamp_min_(0)
-        else:
-            out = x.clamp_min(0)
-        # The output, not the input, is saved: an in-place ReLU overwrites its input.
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (out,) = ctx.saved_tensors
-        # threshold_backward zeroes the gradient where out <= 0 (the plain ReLU rule) in one pass.
-        return torch.ops.aten.threshold_backward(grad, out, 0).clamp_min_(0), None
+    return grad.clamp_min(0)
 
 
 # Rectifier-like activations whose gradient guided backprop would need a rule for; we warn, since
@@ -248,11 +232,14 @@ class _GuidedReLUMode(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in ("relu", "relu_") and args and isinstance(args[0], Tensor):
-            x = args[0]
-            inplace = name == "relu_" or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
             self.report.relu_calls += 1
-            # In place, the result is ``x`` itself (callers may ignore the return value).
-            return _GuidedReLU.apply(x, inplace)
+            # The model's own ReLU runs (in place if it asked, so callers may ignore the result); a
+            # hook on its output, not a Python autograd.Function, adds the rule: one Python call per
+            # ReLU in the backward pass and none in the forward.
+            out = func(*args, **kwargs)
+            if isinstance(out, Tensor) and out.requires_grad:
+                out.register_hook(_positive_part)
+            return out
         if name in UNTREATED_ACTIVATIONS:
             self.report.untreated[name] += 1
         return func(*args, **kwargs)

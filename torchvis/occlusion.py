@@ -51,6 +51,20 @@ def _occlude(
         k = stop
 
 
+# On a CPU the images per second of plain forward passes peak when a batch holds about 1.2 million
+# input values (8 images of 3x224x224, 32 of 3x112x112: benchmarks/RESULTS.md); larger batches
+# overflow the caches, and memory grows with them.
+_CPU_BATCH_VALUES = 8 * 3 * 224 * 224
+
+
+def default_batch_size(x: Tensor) -> int:
+    """Occluded images per forward pass when none is given: on the CPU as many as hold about 1.2
+    million input values (8 of 3x224x224, 32 of 3x112x112, at most 64); on an accelerator 32."""
+    if x.device.type != "cpu":
+        return 32
+    return max(1, min(64, _CPU_BATCH_VALUES // x[0].numel()))
+
+
 def occlusion(
     model: nn.Module,
     x: Tensor,
@@ -59,7 +73,7 @@ def occlusion(
     window: int | tuple[int, int],
     stride: int | tuple[int, int] | None = None,
     baseline: float | Tensor = 0.0,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     progress: bool = False,
     eval_mode: bool = True,
 ) -> Tensor:
@@ -70,7 +84,8 @@ def occlusion(
     the window, at least 1); a pixel's value is the mean, over the windows covering it, of
     ``score(x) - score(x with the window set to baseline)``. ``baseline`` is a number or a tensor
     broadcastable to ``x``. Forward passes only, under ``torch.inference_mode``; ``batch_size`` caps
-    the occluded images per forward pass (memory), mixing windows and examples.
+    the occluded images per forward pass (memory), mixing windows and examples. ``None`` chooses it
+    with :func:`default_batch_size`.
     """
     check_input(x)
     batch, _, height, width = x.shape
@@ -82,9 +97,16 @@ def occlusion(
         raise ValueError(f"stride must be positive; got {(sh, sw)}")
     if sh > wh or sw > ww:
         raise ValueError(f"stride {(sh, sw)} larger than the window {(wh, ww)} would skip pixels")
+    if batch_size is None:
+        batch_size = default_batch_size(x)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    fill = torch.as_tensor(baseline, dtype=x.dtype, device=x.device).expand_as(x)
+    # A number becomes a device tensor through a fill kernel: a copy from the host would wait for the GPU.
+    fill = (
+        torch.full((), baseline, dtype=x.dtype, device=x.device)
+        if isinstance(baseline, (int, float))
+        else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    ).expand_as(x)
     windows = [(i, j) for i in window_starts(height, wh, sh) for j in window_starts(width, ww, sw)]
 
     with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode():
@@ -105,10 +127,11 @@ def occlusion(
             drops[lo:hi] = clean[examples] - scores
         drops = drops.view(len(windows), batch)
 
-    # Outside inference mode, so the result is an ordinary tensor the user can compute with.
-    heat = _spread(drops.clone(), (height, width), (wh, ww), (sh, sw))
-    count = _spread(torch.ones_like(drops[:, :1]), (height, width), (wh, ww), (sh, sw))
-    return (heat / count).to(x.dtype)
+    # Outside inference mode, so the result is an ordinary tensor the user can compute with. A column
+    # of ones spreads into the number of windows covering each pixel, in the same pass.
+    with_ones = torch.cat([drops, torch.ones_like(drops[:, :1])], dim=1)
+    sums = _spread(with_ones, (height, width), (wh, ww), (sh, sw))
+    return (sums[:batch] / sums[batch:]).to(x.dtype)
 
 
 def _spread(
