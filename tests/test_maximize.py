@@ -260,7 +260,7 @@ def test_bad_arguments() -> None:
         maximize(model, Logit(0), shape=(1, 2, 2), mean=0.5)
     with pytest.raises(ValueError, match="std entries must be positive"):
         maximize(model, Logit(0), shape=(1, 2, 2), mean=0.5, std=0.0)
-    with pytest.raises(ValueError, match="mean needs 1 or 1 entries"):
+    with pytest.raises(ValueError, match="mean needs one value per input channel \\(1\\); got 2"):
         maximize(model, Logit(0), shape=(1, 2, 2), mean=(0.5, 0.5), std=1.0)
 
 

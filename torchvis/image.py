@@ -53,6 +53,7 @@ __all__ = [
     "normalize_rgb",
     "overlay",
     "panel",
+    "per_channel",
     "render",
     "to_rgb",
     "to_uint8",
@@ -187,6 +188,19 @@ def to_rgb(images: Tensor) -> Tensor:
     """Repeat grey [B,1,H,W] images to [B,3,H,W]; [B,3,H,W] is returned as is."""
     _check_batch(images, "images", (1, 3))
     return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+
+
+def per_channel(values: float | Sequence[float], channels: int, what: str) -> tuple[float, ...]:
+    """A normalisation statistic given as one float (every channel) or one value per channel, as a
+    tuple of ``channels`` floats — the form :func:`denormalize` takes."""
+    if isinstance(values, (int, float)):
+        return (float(values),) * channels
+    out = tuple(float(v) for v in values)
+    if len(out) == 1:
+        return out * channels
+    if len(out) != channels:
+        raise ValueError(f"{what} needs one value per input channel ({channels}); got {len(out)}")
+    return out
 
 
 def denormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

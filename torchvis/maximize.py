@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from torchvis import hooks
+from torchvis import hooks, image
 from torchvis.forward import check_input, checked_logits, guarded
 from torchvis.hooks import LayerRef
 
@@ -144,12 +144,10 @@ def _normalisation(
         return None
     if mean is None or std is None:
         raise ValueError("give both mean and std (the model's input normalisation) or neither")
-    pair = []
-    for name, value in (("mean", mean), ("std", std)):
-        values = [float(value)] if isinstance(value, int | float) else [float(v) for v in value]
-        if len(values) not in (1, channels):
-            raise ValueError(f"{name} needs 1 or {channels} entries, got {len(values)}")
-        pair.append(torch.tensor(values, dtype=torch.float64).expand(channels).view(1, channels, 1, 1))
+    pair = [
+        torch.tensor(image.per_channel(value, channels, name), dtype=torch.float64).view(1, channels, 1, 1)
+        for name, value in (("mean", mean), ("std", std))
+    ]
     if not bool((pair[1] > 0).all()):
         raise ValueError(f"std entries must be positive, got {std!r}")
     return pair[0], pair[1]
@@ -309,9 +307,10 @@ def to_images(
     (0) to its maximum (1); a flat image gives 0.5.
     """
     check_input(x)
-    box = _normalisation(mean, std, x.shape[1])
-    if box is not None:
-        return (x * box[1].to(x) + box[0].to(x)).clamp(0, 1)
+    if _normalisation(mean, std, x.shape[1]) is not None:  # validates the pair
+        assert mean is not None and std is not None
+        c = x.shape[1]
+        return image.denormalize(x, image.per_channel(mean, c, "mean"), image.per_channel(std, c, "std"))
     flat = x.flatten(1)
     low = flat.amin(dim=1).view(-1, 1, 1, 1)
     span = flat.amax(dim=1).view(-1, 1, 1, 1) - low

@@ -133,7 +133,7 @@ def input_display(x: Tensor, mean: Stats | None, std: Stats | None) -> Tensor:
     if mean is None or std is None:
         return x
     c = x.shape[1]
-    return image.denormalize(x, per_channel(mean, c, "mean"), per_channel(std, c, "std"))
+    return image.denormalize(x, image.per_channel(mean, c, "mean"), image.per_channel(std, c, "std"))
 
 
 def classes_text(
@@ -166,18 +166,6 @@ def model_device(model: nn.Module) -> torch.device | None:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return None
-
-
-def per_channel(values: Stats, channels: int, what: str) -> tuple[float, ...]:
-    """A float (every channel) or one value per channel, as a tuple of ``channels`` floats."""
-    if isinstance(values, (int, float)):
-        return (float(values),) * channels
-    out = tuple(float(v) for v in values)
-    if len(out) == 1:
-        return out * channels
-    if len(out) != channels:
-        raise ValueError(f"{what} needs one value per input channel ({channels}); got {len(out)}")
-    return out
 
 
 # --- checks that run before any model call ----------------------------------------------------------
@@ -217,9 +205,9 @@ def check_logging(
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std (the normalisation of the inputs), or neither")
     if mean is not None and std is not None:
-        if not all(s > 0 for s in per_channel(std, channels, "std")):
+        if not all(s > 0 for s in image.per_channel(std, channels, "std")):
             raise ValueError(f"std entries must be positive; got {std}")
-        per_channel(mean, channels, "mean")
+        image.per_channel(mean, channels, "mean")
     elif not bool(((images >= 0) & (images <= 1)).all()):
         raise ValueError(
             f"the inputs lie in [{images.min().item():.3g}, {images.max().item():.3g}], not [0, 1]; "
