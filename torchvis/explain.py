@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -15,13 +15,6 @@ from torchvis.hooks import LayerRef
 from torchvis.occlusion import occlusion
 from torchvis.saliency import guided_backprop, saliency
 
-
-class Method(Protocol):
-    """An attribution method: ``(model, x [B,C,H,W], target, **options) -> Tensor``."""
-
-    def __call__(self, model: nn.Module, x: Tensor, target: Target = None, **options: Any) -> Tensor: ...
-
-
 METHODS: dict[str, Callable[..., Tensor]] = {
     "saliency": saliency,
     "guided_backprop": guided_backprop,
@@ -29,7 +22,8 @@ METHODS: dict[str, Callable[..., Tensor]] = {
     "guided_grad_cam": guided_grad_cam,
     "occlusion": occlusion,
 }
-"""Methods by name, for configs and the CLI. Add your own: ``METHODS["mine"] = my_method``."""
+"""Methods by name, for configs and the CLI: each is ``(model, x [B,C,H,W], target=None, **options) ->
+Tensor``. Add your own: ``METHODS["mine"] = my_method``."""
 
 _CAMS = ("grad_cam", "guided_grad_cam")
 
