@@ -31,11 +31,11 @@ from benchmarks import floors
 from benchmarks.peers import PEERS, PeerCase, PeerRun, Skip, max_difference
 from benchmarks.timing import Run, Timing, paired, peak_bytes
 from benchmarks.training import measure_training
-from torchvis.explain import explain
-from torchvis.gradcam import grad_cam, guided_grad_cam
-from torchvis.hooks import resolve_layer
-from torchvis.occlusion import default_batch_size, occlusion, window_starts
-from torchvis.saliency import guided_backprop, saliency
+from torchvis.core.hooks import resolve_layer
+from torchvis.methods.cam import grad_cam, guided_grad_cam
+from torchvis.methods.combine import explain
+from torchvis.methods.gradient import guided_backprop, saliency
+from torchvis.methods.perturbation import default_batch_size, occlusion, window_starts
 
 METHODS = ("saliency", "guided_backprop", "grad_cam", "guided_grad_cam", "explain", "occlusion")
 
@@ -52,7 +52,7 @@ class ModelSpec:
 
 
 def _digits() -> nn.Module:
-    from torchvis.digits import DigitsCNN
+    from torchvis.apps.digits import DigitsCNN
 
     return DigitsCNN()
 

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchvis.gradcam import grad_cam, guided_grad_cam, upsample_to
-from torchvis.hooks import resolve_layer
-from torchvis.occlusion import occlusion
-from torchvis.saliency import guided_backprop, saliency
+from torchvis.core.hooks import resolve_layer
+from torchvis.methods.cam import grad_cam, guided_grad_cam, upsample_to
+from torchvis.methods.gradient import guided_backprop, saliency
+from torchvis.methods.perturbation import occlusion
 
 
 class Skip(Exception):

@@ -43,8 +43,8 @@ def measure_training(
     """Time a plain step, a step plus a non-logging ``Monitor.step`` and a step plus a logging one."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from torchvis.digits import MNIST_MEAN, MNIST_STD, DigitsCNN
-    from torchvis.monitor import Monitor
+    from torchvis.apps.digits import MNIST_MEAN, MNIST_STD, DigitsCNN
+    from torchvis.tracking.monitor import Monitor
 
     generator = torch.Generator().manual_seed(0)
     with torch.random.fork_rng():

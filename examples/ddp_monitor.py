@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from torchvis.monitor import Monitor
+from torchvis.tracking.monitor import Monitor
 
 MEAN, STD = 0.5, 0.25  # the normalisation of the inputs, undone for display
 SIZE, SQUARE = 16, 5

@@ -21,8 +21,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from torchvis.digits import CLASS_NAMES, MNIST_MEAN, MNIST_STD, DigitsCNN, load_digits
-from torchvis.lightning import AttributionCallback
+from torchvis.apps.digits import CLASS_NAMES, MNIST_MEAN, MNIST_STD, DigitsCNN, load_digits
+from torchvis.tracking.lightning import AttributionCallback
 
 
 class LitDigits(pl.LightningModule):

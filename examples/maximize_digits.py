@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from torchvis.digits import (
+from torchvis.apps.digits import (
     MNIST_MEAN,
     MNIST_STD,
     DigitsCNN,
@@ -27,8 +27,8 @@ from torchvis.digits import (
     save_checkpoint,
     train_digits,
 )
-from torchvis.image import grid
-from torchvis.maximize import Channel, Logit, maximize, to_images
+from torchvis.inspection.activation_maximization import Channel, Logit, maximize, to_images
+from torchvis.rendering.image import grid
 
 
 def main() -> None:

@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` liv
 from benchmarks import attribution, floors  # noqa: E402
 from benchmarks.attribution import Row, check_targets, format_table  # noqa: E402
 from benchmarks.timing import Timing, paired, peak_bytes  # noqa: E402
-from torchvis.digits import DigitsCNN  # noqa: E402
-from torchvis.gradients import gradient_pass  # noqa: E402
-from torchvis.saliency import saliency  # noqa: E402
+from torchvis.apps.digits import DigitsCNN  # noqa: E402
+from torchvis.core.passes import gradient_pass  # noqa: E402
+from torchvis.methods.gradient import saliency  # noqa: E402
 
 CPU = torch.device("cpu")
 PEER_MODULES = ("captum", "captum.attr", "pytorch_grad_cam", "pytorch_grad_cam.utils.model_targets",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from torchvis.explain import METHODS
+from torchvis.methods.combine import METHODS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

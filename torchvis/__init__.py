@@ -1,22 +1,31 @@
 """torchvis: see what a convolutional network looks at.
 
 Attribution methods are plain functions ``(model, x [B,C,H,W], target=None, **options) -> Tensor``;
-the hook core (:mod:`torchvis.hooks`) is public for building your own analyses.
+the hook core (:mod:`torchvis.core.hooks`, also ``torchvis.hooks``) is public for building your own analyses.
 """
 
-from torchvis.architecture import log_graph
-from torchvis.explain import METHODS, explain
-from torchvis.features import feature_grid, feature_maps, log_feature_maps, top_channels
-from torchvis.filters import filter_grid, filters, log_filters
-from torchvis.gradcam import grad_cam, guided_grad_cam
-from torchvis.hooks import Recording, capture, resolve_layer
-from torchvis.image import Look
-from torchvis.maximize import Channel, Logit, maximize, parse_unit, to_images, unit_activations
-from torchvis.monitor import Monitor
-from torchvis.occlusion import occlusion
-from torchvis.saliency import guided_backprop, saliency
-from torchvis.summary import Summary, log_summary, summary
-from torchvis.tensorboard import PNGWriter, log_attributions
+from torchvis.core import hooks
+from torchvis.core.hooks import Recording, capture, resolve_layer
+from torchvis.inspection.activation_maximization import (
+    Channel,
+    Logit,
+    maximize,
+    parse_unit,
+    to_images,
+    unit_activations,
+)
+from torchvis.inspection.architecture import log_graph
+from torchvis.inspection.conv_filters import filter_grid, filters, log_filters
+from torchvis.inspection.features import feature_grid, feature_maps, log_feature_maps, top_channels
+from torchvis.inspection.model_summary import Summary, log_summary, summary
+from torchvis.methods.cam import grad_cam, guided_grad_cam
+from torchvis.methods.combine import METHODS, explain
+from torchvis.methods.gradient import guided_backprop, saliency
+from torchvis.methods.perturbation import occlusion
+from torchvis.rendering import image
+from torchvis.rendering.image import Look
+from torchvis.tracking.monitor import Monitor
+from torchvis.tracking.tensorboard import PNGWriter, log_attributions
 
 __version__ = "0.1.0"
 
@@ -38,6 +47,8 @@ __all__ = [
     "grad_cam",
     "guided_backprop",
     "guided_grad_cam",
+    "hooks",
+    "image",
     "log_attributions",
     "log_feature_maps",
     "log_filters",

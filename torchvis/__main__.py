@@ -1,5 +1,5 @@
 import sys
 
-from torchvis.cli import main
+from torchvis.apps.cli import main
 
 sys.exit(main())

@@ -1,0 +1,255 @@
+"""Hygiene of every registered method (and explain): the model, its gradients, the input and the global
+RNG are as before the call — also when the model raises — and attribution runs in eval mode."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.modules.module as module_globals
+from torch import Tensor, nn
+
+from torchvis.methods.combine import METHODS, explain
+
+# What each registered method needs to run on HygieneNet. "bn1" is followed by an in-place ReLU.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "saliency": {},
+    "guided_backprop": {},
+    "grad_cam": {"layer": "bn1"},
+    "guided_grad_cam": {"layer": "bn1"},
+    "occlusion": {"window": 3},
+}
+GRADIENT_FREE = {"occlusion"}
+CALLS = [*METHODS, "explain"]
+
+
+class Boom(Exception):
+    pass
+
+
+class Fuse(nn.Module):
+    """Identity that raises :class:`Boom` on its ``fail_at``-th call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_at: int | None = None
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise Boom(f"call {self.calls}")
+        return x
+
+
+class HygieneNet(nn.Module):
+    """conv -> batch-norm -> in-place ReLU -> dropout -> conv -> ReLU -> fuse -> GAP -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.fuse = Fuse()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(self.relu1(self.bn1(self.conv1(x))))
+        return self.head(self.fuse(self.relu2(self.conv2(x))))
+
+
+def options_for(name: str) -> dict[str, Any]:
+    if name not in OPTIONS:
+        pytest.fail(f"method {name!r} is registered: add it to OPTIONS (and GRADIENT_FREE) in {__file__}")
+    return OPTIONS[name]
+
+
+def run(name: str, model: nn.Module, x: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+    """Call one registered method (or explain with all of them) as a user would."""
+    if name == "explain":
+        options = {k: v for n in METHODS for k, v in options_for(n).items() if k != "layer"}
+        return explain(model, x, methods=list(METHODS), layer="bn1", **options, **kwargs)
+    return {name: METHODS[name](model, x, **options_for(name), **kwargs)}
+
+
+def used_model(mode: str) -> HygieneNet:
+    """A HygieneNet with real gradients on its parameters (one left None), non-trivial batch-norm
+    statistics, and the given mix of training flags."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = HygieneNet().double().train()
+        for _ in range(3):
+            x = torch.randn(4, 3, 6, 6, dtype=torch.float64) * 2 + 1
+            model(x).logsumexp(dim=1).sum().backward()
+    model.head[2].bias.grad = None
+    model.fuse.calls = 0
+    if mode == "mixed":
+        model.bn1.eval()
+        model.head.eval()
+    elif mode == "eval-but-dropout":
+        model.eval()
+        model.drop.train()
+    return model
+
+
+def user_input(kind: str) -> Tensor:
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    if kind == "leaf-with-grad":
+        x.requires_grad_(True)
+        x.grad = torch.full_like(x, 0.25)
+    return x
+
+
+def snapshot(model: nn.Module, x: Tensor) -> dict[str, Any]:
+    def clone(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().clone()
+
+    return {
+        "training": {name: m.training for name, m in model.named_modules()},
+        "params": {name: clone(p) for name, p in model.named_parameters()},
+        "grads": {name: clone(p.grad) for name, p in model.named_parameters()},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "buffers": {name: clone(b) for name, b in model.named_buffers()},
+        "x": (clone(x), x.requires_grad, clone(x.grad), x._version),
+        "rng": torch.get_rng_state(),
+        # _global_forward_hooks, _global_backward_hooks, ... (torch.nn.modules.module)
+        "global_hooks": {
+            name: dict(value) for name, value in vars(module_globals).items()
+            if name.startswith("_global_") and isinstance(value, dict)
+        },
+    }
+
+
+def assert_same_tensors(before: dict[str, Tensor | None], after: dict[str, Tensor | None], what: str) -> None:
+    assert before.keys() == after.keys()
+    for name, old in before.items():
+        new = after[name]
+        if old is None or new is None:
+            assert old is None and new is None, f"{what} {name}: None changed"
+        else:
+            assert torch.equal(old, new), f"{what} {name} changed"
+
+
+def assert_untouched(model: nn.Module, x: Tensor, before: dict[str, Any]) -> None:
+    after = snapshot(model, x)
+    hooked = [
+        name
+        for name, m in model.named_modules()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    ]
+    assert hooked == [], f"hooks left on {hooked}"
+    assert after["global_hooks"] == before["global_hooks"]
+    assert torch._C._len_torch_function_stack() == 0, "a torch function mode was left active"
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert_same_tensors(before["params"], after["params"], "parameter")
+    assert_same_tensors(before["grads"], after["grads"], ".grad of")
+    x_old, x_new = before["x"], after["x"]
+    assert torch.equal(x_old[0], x_new[0]) and x_old[1] == x_new[1] and x_old[3] == x_new[3]
+    assert_same_tensors({"x": x_old[2]}, {"x": x_new[2]}, "x.grad")
+    assert torch.equal(after["rng"], before["rng"]), "the global RNG moved"
+
+
+@pytest.mark.parametrize("x_kind", ["plain", "leaf-with-grad"])
+@pytest.mark.parametrize("mode", ["train", "mixed", "eval-but-dropout"])
+@pytest.mark.parametrize("outcome", ["normal", "raise-in-1st-forward", "raise-in-2nd-forward"])
+@pytest.mark.parametrize("name", CALLS)
+def test_call_leaves_everything_as_it_was(name: str, outcome: str, mode: str, x_kind: str) -> None:
+    model, x = used_model(mode), user_input(x_kind)
+    eval_twin = copy.deepcopy(model).eval()
+    before = snapshot(model, x)
+    assert any(g is not None for g in before["grads"].values())
+    assert any(m.training for m in model.modules())
+    if outcome == "raise-in-1st-forward":
+        model.fuse.fail_at = 1
+        with pytest.raises(Boom):
+            run(name, model, x)
+        result = None
+    elif outcome == "raise-in-2nd-forward":
+        # Raises only for calls that run the model twice (guided Grad-CAM, occlusion, explain).
+        model.fuse.fail_at = 2
+        try:
+            result = run(name, model, x)
+        except Boom:
+            result = None
+    else:
+        result = run(name, model, x)
+    assert_untouched(model, x, before)
+    # The batch-norm's running statistics (buffers) were used, not updated.
+    assert_same_tensors(before["buffers"], snapshot(model, x)["buffers"], "buffer")
+    if result is not None:
+        # Eval mode: dropout off and batch-norm on running statistics, exactly as in an eval-mode copy.
+        expected = run(name, eval_twin, x.detach())
+        assert result.keys() == expected.keys()
+        for key in result:
+            torch.testing.assert_close(result[key], expected[key], rtol=1e-12, atol=1e-12, msg=key)
+            assert not result[key].requires_grad
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_train_mode_attribution_does_not_move_the_global_rng(name: str) -> None:
+    # eval_mode=False keeps dropout active: its masks come from a forked RNG.
+    model, x = used_model("train"), user_input("leaf-with-grad")
+    before = snapshot(model, x)
+    first = run(name, model, x, eval_mode=False)
+    assert_untouched(model, x, before)
+    assert_same_tensors(first, run(name, model, x, eval_mode=False), "map")  # type: ignore[arg-type]
+    # The masks do come from the global RNG's state: another seed, other masks, another map.
+    with torch.random.fork_rng():
+        torch.manual_seed(12345)
+        reseeded = run(name, model, x, eval_mode=False)
+    assert any(not torch.equal(first[k], reseeded[k]) for k in first)
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_works_under_no_grad_and_inference_mode_as_documented(name: str) -> None:
+    model, x = used_model("train"), user_input("plain")
+    expected = run(name, model, x)
+    with torch.no_grad():
+        under_no_grad = run(name, model, x)
+    for key in expected:
+        torch.testing.assert_close(under_no_grad[key], expected[key], rtol=0, atol=0)
+    before = snapshot(model, x)
+    gradient_free = name in GRADIENT_FREE
+    with torch.inference_mode():
+        if gradient_free:
+            under_inference = run(name, model, x)
+        else:
+            with pytest.raises(RuntimeError, match=r"inference_mode\(\)"):
+                run(name, model, x)
+    assert_untouched(model, x, before)
+    if gradient_free:
+        for key in expected:
+            torch.testing.assert_close(under_inference[key], expected[key], rtol=0, atol=0)
+
+
+class RectifiesInput(HygieneNet):
+    """HygieneNet on relu(x), computed in place on the caller's tensor or not."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(torch.relu_(x) if self.inplace else torch.relu(x))
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_model_that_changes_its_input_in_place(name: str) -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = RectifiesInput(inplace=True).double().eval()
+    twin = RectifiesInput(inplace=False).double().eval()
+    twin.load_state_dict(model.state_dict())
+    x = user_input("plain")
+    before = snapshot(model, x)
+    got = run(name, model, x)
+    assert_untouched(model, x, before)
+    expected = run(name, twin, x)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)

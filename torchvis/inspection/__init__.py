@@ -1,0 +1,1 @@
+"""The classic CNN inspection toolbox: summary, graph, filters, feature maps, activation maximisation."""

@@ -1,0 +1,1 @@
+"""Attribution methods: one spec each, plain functions ``(model, x, target=None, **options) -> Tensor``."""

@@ -1,0 +1,1 @@
+"""Faithfulness and sanity scores of any method's maps (none yet)."""
