@@ -82,3 +82,23 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Values for the options that a registered method requires (keyword options without a default), so
+# that every method in the registry joins the table-driven tests without a per-method entry.
+EXAMPLE_OPTIONS: dict[str, object] = {"window": 3}
+
+
+def options_for(name: str, layer: str) -> dict[str, object]:
+    """What the registered method ``name`` needs to run: ``layer`` if it takes one, and an example value
+    for each option it requires (from :data:`EXAMPLE_OPTIONS`)."""
+    from torchvis.methods import SPECS
+
+    spec = SPECS[name]
+    missing = [o for o in spec.required_options if o not in EXAMPLE_OPTIONS]
+    if missing:
+        pytest.fail(f"method {name!r} requires {missing}: add example values to EXAMPLE_OPTIONS ({__file__})")
+    options: dict[str, object] = {o: EXAMPLE_OPTIONS[o] for o in spec.required_options}
+    if spec.takes_layer:
+        options["layer"] = layer
+    return options

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from torchvis.methods.combine import METHODS
+from torchvis.methods import SPECS, unregister
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
@@ -19,9 +19,9 @@ def test_readme_has_runnable_examples() -> None:
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_runs(code: str) -> None:
-    registry = dict(METHODS)
+    before = list(SPECS)
     try:
         exec(compile(code, str(README), "exec"), {"__name__": "readme"})
     finally:  # an example may register a method; the registry is global
-        METHODS.clear()
-        METHODS.update(registry)
+        for name in [n for n in SPECS if n not in before]:
+            unregister(name)

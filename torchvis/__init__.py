@@ -1,11 +1,13 @@
 """torchvis: see what a convolutional network looks at.
 
-Attribution methods are plain functions ``(model, x [B,C,H,W], target=None, **options) -> Tensor``;
-the hook core (:mod:`torchvis.core.hooks`, also ``torchvis.hooks``) is public for building your own analyses.
+Attribution methods are plain functions ``(model, x [B,C,H,W], target=None, **options) -> Tensor``,
+each described by one spec (:func:`register`, :data:`SPECS`); the hook core (:mod:`torchvis.core.hooks`,
+also ``torchvis.hooks``) is public for building your own analyses.
 """
 
 from torchvis.core import hooks
 from torchvis.core.hooks import Recording, capture, resolve_layer
+from torchvis.core.passes import Shared, shared_passes
 from torchvis.inspection.activation_maximization import (
     Channel,
     Logit,
@@ -18,12 +20,23 @@ from torchvis.inspection.architecture import log_graph
 from torchvis.inspection.conv_filters import filter_grid, filters, log_filters
 from torchvis.inspection.features import feature_grid, feature_maps, log_feature_maps, top_channels
 from torchvis.inspection.model_summary import Summary, log_summary, summary
-from torchvis.methods.cam import grad_cam, guided_grad_cam
-from torchvis.methods.combine import METHODS, explain
-from torchvis.methods.gradient import guided_backprop, saliency
-from torchvis.methods.perturbation import occlusion
+from torchvis.methods import (
+    METHODS,
+    SPECS,
+    Look,
+    MethodSpec,
+    Need,
+    explain,
+    grad_cam,
+    guided_backprop,
+    guided_grad_cam,
+    occlusion,
+    register,
+    saliency,
+    spec_of,
+    unregister,
+)
 from torchvis.rendering import image
-from torchvis.rendering.image import Look
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import PNGWriter, log_attributions
 
@@ -34,6 +47,10 @@ __all__ = [
     "Logit",
     "Look",
     "METHODS",
+    "MethodSpec",
+    "Need",
+    "SPECS",
+    "Shared",
     "Monitor",
     "PNGWriter",
     "Recording",
@@ -57,10 +74,14 @@ __all__ = [
     "maximize",
     "occlusion",
     "parse_unit",
+    "register",
     "resolve_layer",
     "saliency",
+    "shared_passes",
+    "spec_of",
     "summary",
     "to_images",
     "top_channels",
     "unit_activations",
+    "unregister",
 ]

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from torchvis.apps.cli import main
 from torchvis.apps.digits import MNIST_MEAN, MNIST_STD, DigitsCNN, load_digits_model, save_checkpoint
-from torchvis.apps.explain_cli import METHODS
 from torchvis.apps.loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,12 +27,14 @@ from torchvis.apps.loading import (
     load_state_dict,
     read_image,
 )
+from torchvis.methods import SPECS
 from torchvis.methods.cam import grad_cam, guided_grad_cam
 from torchvis.methods.gradient import guided_backprop, saliency
 from torchvis.methods.perturbation import occlusion
 from torchvis.rendering.figure import explanation_figure, figure_rgb, panel_boxes, render_map
 from torchvis.rendering.image import denormalize
 
+METHODS = list(SPECS)  # the CLI draws every registered method, in registration order
 MNIST = Preprocess(28, (MNIST_MEAN,), (MNIST_STD,))
 
 
@@ -94,9 +95,11 @@ def decode(path: Path | bytes) -> np.ndarray:
         return np.asarray(image)
 
 
-def layout(size: int) -> tuple[tuple[int, ...], list[tuple[int, int, int, int]]]:
-    """The pixel shape and panel boxes of the command's figure for ``size x size`` inputs."""
-    fig = explanation_figure(torch.zeros(3, size, size), {m: torch.zeros(1, size, size) for m in METHODS},
+def layout(size: int, panels: int | None = None) -> tuple[tuple[int, ...], list[tuple[int, int, int, int]]]:
+    """The pixel shape and panel boxes of the command's figure for ``size x size`` inputs, with every
+    registered method (or the first ``panels - 1``)."""
+    methods = METHODS if panels is None else METHODS[: panels - 1]
+    fig = explanation_figure(torch.zeros(3, size, size), {m: torch.zeros(1, size, size) for m in methods},
                              title="t")
     return figure_rgb(fig).shape, panel_boxes(fig)
 
@@ -214,6 +217,49 @@ def test_torchscript_marks_hook_methods_not_available(assets: dict[str, Path], t
         assert shown.min() < 200  # and its text
 
 
+PLUGIN = """
+import torch.nn.functional as F
+import torchvis
+
+def attention_from(shared, *, upsample=True):
+    heat = shared.activation.pow(2).mean(dim=1, keepdim=True)
+    return F.interpolate(heat, size=shared.x.shape[-2:], mode="bilinear") if upsample else heat
+
+def attention(model, x, target=None, *, layer=None, upsample=True, eval_mode=True):
+    (shared,) = torchvis.shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode)
+    return attention_from(shared, upsample=upsample)
+
+torchvis.register("attention", attention, needs=torchvis.Need.LAYER_GRADIENT, from_pass=attention_from,
+                  look=torchvis.Look.HEAT_OVERLAY, title="attention")
+"""
+
+
+def test_methods_and_a_user_method_from_an_imported_file(assets: dict[str, Path], tmp_path: Path) -> None:
+    """``--methods`` picks the panels, in order; ``--import`` brings a registered method of the user's,
+    which gets the ``--layer`` and is drawn in its registered look."""
+    plugin = tmp_path / "my_methods.py"
+    plugin.write_text(PLUGIN)
+    digit, out = assets["digits"] / "3-label3.png", tmp_path / "out"
+    try:
+        assert explain_cli(digit, "--model", assets["digits.pt"], "--import", plugin, "--layer", "relu1",
+                           "--methods", "occlusion,attention", "--window", 7, "--out", out) == 0
+        figure = decode(out / "3-label3.png")
+        shape, boxes = layout(28, panels=3)
+        assert figure.shape == shape
+        model, x = load_digits_model(assets["digits.pt"]), read_image(digit, MNIST)
+        image = denormalize(x, MNIST.mean, MNIST.std)[0]
+        from torchvis.methods import METHODS as registered
+
+        expected = {"occlusion": occlusion(model, x, window=7),
+                    "attention": registered["attention"](model, x, layer="relu1")}
+        for box, (name, raw) in zip(boxes[1:], expected.items(), strict=True):
+            assert np.abs(sample(figure, box, 28) - to_uint8(render_map(name, raw[0], image))).max() <= 2
+    finally:
+        from torchvis.methods import unregister
+
+        unregister("attention")
+
+
 BAD_INPUT = {
     "non-image file": (["notes.jpg", "--model", "digits.pt"], "notes.jpg' is not an image file"),
     "truncated image": (["truncated.png", "--model", "digits.pt"], "cannot read image"),
@@ -236,6 +282,10 @@ BAD_INPUT = {
                                      "TorchScript models do not support"),
     "too few class names": (["digits", "--model", "digits.pt", "--classes", "three-names.txt"],
                             "has 3 names; the model has 10 classes"),
+    "unknown method": (["digits", "--model", "digits.pt", "--methods", "saliency,gradcam"],
+                       "--methods: unknown method(s) ['gradcam']; known: saliency, guided_backprop"),
+    "missing plugin": (["digits", "--model", "digits.pt", "--import", "nowhere.py"],
+                       "--import 'nowhere.py': FileNotFoundError"),
 }
 
 

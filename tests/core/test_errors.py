@@ -8,27 +8,17 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import options_for
 from torch import Tensor, nn
 
+from torchvis.methods import METHODS, explain
 from torchvis.methods.cam import grad_cam, guided_grad_cam
-from torchvis.methods.combine import METHODS, explain
 from torchvis.methods.perturbation import occlusion
-
-# What each registered method needs to run on SmallCNN (conftest).
-OPTIONS: dict[str, dict[str, Any]] = {
-    "saliency": {},
-    "guided_backprop": {},
-    "grad_cam": {"layer": "conv2"},
-    "guided_grad_cam": {"layer": "conv2"},
-    "occlusion": {"window": 3},
-}
 
 
 def call(name: str, model: nn.Module, x: Tensor, target: Any = None) -> Tensor:
     """``METHODS[name]`` with its options; the layer is looked up inside an :class:`Outputs` wrapper."""
-    if name not in OPTIONS:
-        pytest.fail(f"method {name!r} is registered: add its options to OPTIONS in {__file__}")
-    options = dict(OPTIONS[name])
+    options = options_for(name, layer="conv2")
     if "layer" in options and isinstance(model, Outputs):
         options["layer"] = f"body.{options['layer']}"
     return METHODS[name](model, x, target, **options)

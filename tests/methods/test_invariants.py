@@ -6,22 +6,16 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import conftest
 import pytest
 import torch
 import torch.nn.modules.module as module_globals
 from torch import Tensor, nn
 
-from torchvis.methods.combine import METHODS, explain
+from torchvis.methods import METHODS, SPECS, Need, explain
 
-# What each registered method needs to run on HygieneNet. "bn1" is followed by an in-place ReLU.
-OPTIONS: dict[str, dict[str, Any]] = {
-    "saliency": {},
-    "guided_backprop": {},
-    "grad_cam": {"layer": "bn1"},
-    "guided_grad_cam": {"layer": "bn1"},
-    "occlusion": {"window": 3},
-}
-GRADIENT_FREE = {"occlusion"}
+# Methods that run forward passes only, so they also work under torch.inference_mode().
+GRADIENT_FREE = {name for name, spec in SPECS.items() if Need.PERTURBATION in spec.needs}
 CALLS = [*METHODS, "explain"]
 
 
@@ -64,9 +58,8 @@ class HygieneNet(nn.Module):
 
 
 def options_for(name: str) -> dict[str, Any]:
-    if name not in OPTIONS:
-        pytest.fail(f"method {name!r} is registered: add it to OPTIONS (and GRADIENT_FREE) in {__file__}")
-    return OPTIONS[name]
+    """What the registered method needs on HygieneNet; "bn1" is followed by an in-place ReLU."""
+    return conftest.options_for(name, layer="bn1")
 
 
 def run(name: str, model: nn.Module, x: Tensor, **kwargs: Any) -> dict[str, Tensor]:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchvis.methods import METHODS, explain
 from torchvis.methods.cam import grad_cam, guided_grad_cam
-from torchvis.methods.combine import METHODS, explain
 from torchvis.methods.gradient import guided_backprop, saliency
 from torchvis.methods.perturbation import occlusion
 

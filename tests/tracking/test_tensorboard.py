@@ -21,7 +21,8 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from torchvis.rendering.image import Look, grid, render
+from torchvis.methods.spec import Look
+from torchvis.rendering.image import grid, render
 from torchvis.tracking.tensorboard import PNGWriter, classes_text, log_attributions
 
 MEAN, STD = (0.2, 0.5, 0.4), (0.3, 0.25, 0.5)

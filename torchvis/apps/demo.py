@@ -30,7 +30,7 @@ from torchvis.apps.digits import (
     save_checkpoint,
     train_digits,
 )
-from torchvis.methods.combine import METHODS, explain
+from torchvis.methods import METHODS, explain
 from torchvis.rendering import image
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import input_display

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib
+import importlib.util
 import io
 import os
 import sys
@@ -49,11 +51,10 @@ from torchvis.apps.loading import (
 from torchvis.core.forward import checked_logits, guarded
 from torchvis.core.passes import gradient_pass
 from torchvis.methods.combine import explain
+from torchvis.methods.spec import SPECS
 from torchvis.rendering.figure import explanation_figure, figure_rgb
 from torchvis.rendering.image import denormalize
 
-METHODS = ("saliency", "guided_backprop", "grad_cam", "guided_grad_cam", "occlusion")
-NEEDS_HOOKS = frozenset({"guided_backprop", "grad_cam", "guided_grad_cam"})
 TORCHSCRIPT_NOTE = "n/a for TorchScript"
 INDEX = "index.csv"
 INDEX_COLUMNS = ("file", "predicted", "class", "score", "target", "figure")
@@ -77,7 +78,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
              "or a checkpoint written by `torchvis demo`")
     add("--weights", metavar="FILE", help="state dict for the architecture (read with weights_only=True)")
     add("--num-classes", type=int, metavar="N", help="outputs of the architecture (default 1000)")
-    add("--layer", metavar="NAME", help="Grad-CAM layer, a dotted module name (default: last spatial one)")
+    add("--methods", metavar="M[,M...]",
+        help="comma-separated methods, one panel each (default: every registered method, in order)")
+    add("--import", dest="imports", action="append", default=[], metavar="MODULE",
+        help="a Python file or module to import first, e.g. one that calls torchvis.register (repeatable)")
+    add("--layer", metavar="NAME",
+        help="layer of Grad-CAM and the other layer methods, a dotted module name "
+             "(default: the last spatial one)")
     add("--target", type=int, metavar="N", help="class to explain (default: the predicted class)")
     add("--window", type=int, metavar="N", help="occlusion window in pixels (default: size // 7)")
     add("--size", type=int, metavar="N", help="input side after resize and centre crop (default 224)")
@@ -120,6 +127,7 @@ class Job:
     target: int | None
     window: int
     class_names: tuple[str, ...]
+    methods: tuple[str, ...]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -208,6 +216,9 @@ def _report(messages: Sequence[str], world: World) -> None:
 
 
 def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Job:
+    for plugin in args.imports:
+        _import_plugin(plugin)
+    methods = _methods(args.methods)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {args.out!r} exists and is not a folder")
@@ -254,7 +265,33 @@ def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Jo
     if not 0 < window <= preprocess.size:
         raise InputError(f"--window {window} must be between 1 and the input size {preprocess.size}")
     layer = None if loaded.kind is ModelKind.TORCHSCRIPT else _check_layer(loaded.model, probe, args.layer)
-    return Job(loaded, preprocess, mine, out, device, layer, args.target, window, names)
+    return Job(loaded, preprocess, mine, out, device, layer, args.target, window, names, methods)
+
+
+def _import_plugin(name: str) -> None:
+    """Import a ``.py`` file or a module by name (where users register their own methods)."""
+    try:
+        if name.endswith(".py") or os.sep in name:
+            spec = importlib.util.spec_from_file_location(f"torchvis_plugin_{Path(name).stem}", name)
+            if spec is None or spec.loader is None or not Path(name).is_file():
+                raise FileNotFoundError(f"no such file: {name}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)
+    except Exception as err:
+        raise InputError(f"--import {name!r}: {type(err).__name__}: {err}") from err
+
+
+def _methods(text: str | None) -> tuple[str, ...]:
+    """The ``--methods`` list, each a registered name; every registered method when not given."""
+    if text is None:
+        return tuple(SPECS)
+    methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in SPECS]
+    if unknown or not methods:
+        raise InputError(f"--methods: unknown method(s) {unknown}; known: {', '.join(SPECS)}")
+    return methods
 
 
 def _preprocess(loaded: LoadedModel, args: argparse.Namespace) -> Preprocess:
@@ -298,10 +335,11 @@ def _explain_files(
     """Explain this rank's files; returns the index rows and the first failure (which stops the rank)."""
     if world.rank == 0 and job.layer is not None:
         print(f"torchvis explain: Grad-CAM at layer {job.layer!r}", file=sys.stderr)
-    if world.rank == 0 and job.loaded.kind is ModelKind.TORCHSCRIPT:
+    blind = [SPECS[m].title for m in job.methods if SPECS[m].needs_hooks]
+    if world.rank == 0 and job.loaded.kind is ModelKind.TORCHSCRIPT and blind:
         print(
-            "torchvis explain: note: TorchScript model: guided backprop, Grad-CAM and guided Grad-CAM "
-            f"need hooks that cannot reach inside it; those panels read {TORCHSCRIPT_NOTE!r}",
+            f"torchvis explain: note: TorchScript model: {', '.join(blind)} need hooks that cannot reach "
+            f"inside it; those panels read {TORCHSCRIPT_NOTE!r}",
             file=sys.stderr,
         )
     job.out.mkdir(parents=True, exist_ok=True)
@@ -334,20 +372,20 @@ def _explain_file(job: Job, item: ImageFile, writer: Any) -> dict[str, Any]:
     probs = _logits(model, x).float().softmax(dim=1)[0]
     predicted = int(probs.argmax())
     target = predicted if job.target is None else job.target
-    methods = [m for m in METHODS if job.layer is not None or m not in NEEDS_HOOKS]
-    options: dict[str, Any] = {"window": job.window}
-    if job.layer is not None:
-        options["layer"] = job.layer
-    maps = explain(model, x, target, methods=methods, **options)
+    hooks = job.loaded.kind is not ModelKind.TORCHSCRIPT
+    methods = [m for m in job.methods if hooks or not SPECS[m].needs_hooks]
+    takes_window = any("window" in SPECS[m].options for m in methods)
+    options: dict[str, Any] = {"window": job.window} if takes_window else {}
+    maps = explain(model, x, target, methods=methods, layer=job.layer, **options) if methods else {}
     panels: dict[str, Tensor | str] = {m: maps[m][0].cpu() if m in maps else TORCHSCRIPT_NOTE
-                                       for m in METHODS}
+                                       for m in job.methods}
     names = job.class_names
     title = f"pred: {names[predicted]} ({float(probs[predicted]):.3f})"
     if target != predicted:
         title += f"   explaining: {names[target]} ({float(probs[target]):.3f})"
     labels = {"occlusion": f"occlusion ({job.window} px)"}
     if job.layer is not None:
-        labels["grad_cam"] = f"Grad-CAM ({job.layer})"
+        labels.update({m: f"{SPECS[m].title} ({job.layer})" for m in job.methods if SPECS[m].takes_layer})
     image = denormalize(x, pre.mean, pre.std)[0].cpu()
     rgb = figure_rgb(explanation_figure(image, panels, title=title, labels=labels))
     figure = job.out / item.output

@@ -12,7 +12,7 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -90,7 +90,7 @@ def gradient_pass(
         if None in requested:
             chosen = pick_feature_layer(maps)
             outputs.setdefault(chosen.name, chosen.output)
-            warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=3)
+            warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=4)
         t = resolve_target(target, logits)
         wanted = ([xi] if input_grad else []) + list(outputs.values())
         grads = iter(torch.autograd.grad(class_score(logits, t), wanted) if wanted else ())
@@ -103,6 +103,62 @@ def gradient_pass(
         grads={name: next(grads) for name in outputs},
         layer_names=tuple(chosen.name if name is None else name for name in requested),
     )
+
+
+@dataclass(frozen=True)
+class Shared:
+    """What the shared passes give one method at one layer; every tensor detached.
+
+    ``x`` the input ``[B,C,H,W]``; ``target`` the class explained per example, ``[B]`` int64;
+    ``input_grad`` the plain gradient at ``x`` and ``guided_grad`` the guided-backprop one (shape of
+    ``x``); ``activation`` and ``grad`` the output of the layer named ``layer`` ``[B,K,h,w]`` and the
+    target logit's gradient there. A field is ``None`` when no requested method needs it.
+    """
+
+    x: Tensor
+    target: Tensor
+    input_grad: Tensor | None = None
+    guided_grad: Tensor | None = None
+    layer: str | None = None
+    activation: Tensor | None = None
+    grad: Tensor | None = None
+
+
+def shared_passes(
+    model: nn.Module,
+    x: Tensor,
+    target: Target = None,
+    *,
+    input_grad: bool = False,
+    layers: Sequence[LayerRef | None] = (),
+    guided: bool = False,
+    eval_mode: bool = True,
+) -> list[Shared]:
+    """Run each pass that is asked for once: the plain one (for ``input_grad`` and ``layers``) and the
+    guided one (for ``guided``), both explaining the same class per example.
+
+    Returns one :class:`Shared` per requested layer, in the order asked (one without a layer when
+    ``layers`` is empty).
+    """
+    plain = guided_result = None
+    if input_grad or layers:
+        plain = gradient_pass(model, x, target, layers=layers, input_grad=input_grad, eval_mode=eval_mode)
+        target = plain.target
+    if guided:
+        guided_result = gradient_pass(model, x, target, input_grad=True, guided=True, eval_mode=eval_mode)
+        target = guided_result.target
+    if plain is None and guided_result is None:
+        raise ValueError("shared_passes needs input_grad, layers or guided")
+    base = Shared(
+        x=x,
+        target=(plain or guided_result).target,  # type: ignore[union-attr]
+        input_grad=plain.input_grad if plain is not None else None,
+        guided_grad=guided_result.input_grad if guided_result is not None else None,
+    )
+    if plain is None or not plain.layer_names:
+        return [base]
+    return [replace(base, layer=name, activation=plain.activations[name], grad=plain.grads[name])
+            for name in plain.layer_names]
 
 
 def _single_call_output(rec: hooks.Recording, name: str) -> Tensor:
@@ -119,7 +175,7 @@ def _warn_untreated(report: hooks.ActivationReport) -> None:
     warnings.warn(
         f"guided backprop only rewrites ReLU gradients; the model also uses {seen}, whose gradients "
         "pass through unchanged",
-        stacklevel=4,
+        stacklevel=5,
     )
 
 

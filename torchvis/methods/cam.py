@@ -1,4 +1,9 @@
-"""Grad-CAM and guided Grad-CAM (Selvaraju et al., ICCV 2017)."""
+"""Grad-CAM and guided Grad-CAM (Selvaraju et al., ICCV 2017).
+
+A CAM variant is a function of the layer's activation ``A`` and the target logit's gradient ``g``
+there (both ``[B,K,h,w]``) returning the unrectified heat ``[B,1,h,w]``; :func:`finish_cam`
+rectifies and upsamples it. Every variant at every layer reads the one shared forward+backward.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +12,33 @@ from torch import Tensor, nn
 
 from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
-from torchvis.core.passes import gradient_pass
+from torchvis.core.passes import Shared, shared_passes
+from torchvis.methods.spec import Look, Need, register
+
+
+def grad_cam_heat(activation: Tensor, grad: Tensor) -> Tensor:
+    """Grad-CAM's heat before the ReLU: channel weights = the spatial mean of the gradient, map = the
+    weighted channel sum. ``[B,K,h,w]`` x2 -> ``[B,1,h,w]``."""
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    return (weights * activation).sum(dim=1, keepdim=True)
 
 
 def cam(activation: Tensor, grad: Tensor, *, relu: bool = True) -> Tensor:
     """Grad-CAM from a layer's activation and the score's gradient there, both ``[B,K,h,w]``.
 
-    Channel weights are the spatial mean of the gradient; the map is the weighted channel sum,
-    rectified unless ``relu=False``. Returns ``[B,1,h,w]``.
+    Returns ``[B,1,h,w]``, rectified unless ``relu=False``.
     """
+    _check_feature_map(activation)
+    heat = grad_cam_heat(activation, grad)
+    return heat.clamp_min(0) if relu else heat
+
+
+def _check_feature_map(activation: Tensor) -> None:
     if activation.dim() != 4:
         raise ValueError(
             "Grad-CAM needs a layer whose output is a feature map [B,K,h,w]; got shape "
             f"{list(activation.shape)}"
         )
-    weights = grad.mean(dim=(2, 3), keepdim=True)
-    heat = (weights * activation).sum(dim=1, keepdim=True)
-    return heat.clamp_min(0) if relu else heat
 
 
 def upsample_to(heat: Tensor, x: Tensor) -> Tensor:
@@ -33,15 +48,34 @@ def upsample_to(heat: Tensor, x: Tensor) -> Tensor:
     return F.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: bool) -> Tensor:
+    """Rectify (unless ``relu=False``) a CAM heat ``[B,1,h,w]`` and bring it to ``x``'s dtype and, if
+    ``upsample``, to its size: ``[B,1,H,W]`` or ``[B,1,h,w]``."""
+    heat = (heat.clamp_min(0) if relu else heat).to(x.dtype)
+    return upsample_to(heat, x) if upsample else heat
+
+
 def cam_map(activation: Tensor, grad: Tensor, x: Tensor, *, relu: bool, upsample: bool) -> Tensor:
     """:func:`cam` in ``x``'s dtype, at ``x``'s size if ``upsample``: ``[B,1,H,W]`` or ``[B,1,h,w]``."""
-    heat = cam(activation, grad, relu=relu).to(x.dtype)
-    return upsample_to(heat, x) if upsample else heat
+    _check_feature_map(activation)
+    return finish_cam(grad_cam_heat(activation, grad), x, relu=relu, upsample=upsample)
+
+
+def grad_cam_from(shared: Shared, *, relu: bool = True, upsample: bool = True) -> Tensor:
+    """:func:`grad_cam` from the shared plain pass at one layer."""
+    assert shared.activation is not None and shared.grad is not None
+    return cam_map(shared.activation, shared.grad, shared.x, relu=relu, upsample=upsample)
 
 
 def guided_cam(guided_grad: Tensor, activation: Tensor, grad: Tensor, x: Tensor) -> Tensor:
     """Guided Grad-CAM: the guided-backprop gradient ``[B,C,H,W]`` times the upsampled CAM."""
     return (guided_grad * upsample_to(cam(activation, grad), x)).to(x.dtype)
+
+
+def guided_grad_cam_from(shared: Shared) -> Tensor:
+    """:func:`guided_grad_cam` from the shared plain pass (at one layer) and guided pass."""
+    assert shared.guided_grad is not None and shared.activation is not None and shared.grad is not None
+    return guided_cam(shared.guided_grad, shared.activation, shared.grad, shared.x)
 
 
 def grad_cam(
@@ -58,12 +92,12 @@ def grad_cam(
 
     Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
     Localization", ICCV 2017. ``layer=None`` takes the last module whose output is still a spatial
-    feature map (``layer4`` for torchvision's ResNet) and warns which. The backward pass stops at the
-    layer.
+    feature map (``layer4`` for torchvision's ResNet) and warns which. Grad-CAM wants a rectified map:
+    the output of a ReLU (or a pooling after it), not the convolution before it. The backward pass
+    stops at the layer.
     """
-    result = gradient_pass(model, x, target, layers=[layer], eval_mode=eval_mode)
-    (name,) = result.layer_names
-    return cam_map(result.activations[name], result.grads[name], x, relu=relu, upsample=upsample)
+    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode)
+    return grad_cam_from(shared, relu=relu, upsample=upsample)
 
 
 def guided_grad_cam(
@@ -71,16 +105,19 @@ def guided_grad_cam(
     x: Tensor,
     target: Target = None,
     *,
-    layer: LayerRef | None,
+    layer: LayerRef | None = None,
     eval_mode: bool = True,
 ) -> Tensor:
     """Guided backprop times the upsampled Grad-CAM at ``layer``. Returns the shape of ``x``.
 
     Selvaraju et al., ICCV 2017, section 3.2. Two passes: one plain (for the CAM), one guided; both
-    explain the same class (the first pass resolves ``target``).
+    explain the same class (the first pass resolves ``target``). ``layer=None`` as in :func:`grad_cam`.
     """
-    plain = gradient_pass(model, x, target, layers=[layer], eval_mode=eval_mode)
-    (name,) = plain.layer_names
-    guided = gradient_pass(model, x, plain.target, input_grad=True, guided=True, eval_mode=eval_mode)
-    assert guided.input_grad is not None
-    return guided_cam(guided.input_grad, plain.activations[name], plain.grads[name], x)
+    (shared,) = shared_passes(model, x, target, layers=[layer], guided=True, eval_mode=eval_mode)
+    return guided_grad_cam_from(shared)
+
+
+register("grad_cam", grad_cam, needs=Need.LAYER_GRADIENT, from_pass=grad_cam_from, look=Look.HEAT_OVERLAY,
+         title="Grad-CAM")
+register("guided_grad_cam", guided_grad_cam, needs={Need.LAYER_GRADIENT, Need.GUIDED},
+         from_pass=guided_grad_cam_from, look=Look.RGB, title="guided Grad-CAM")

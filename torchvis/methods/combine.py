@@ -1,43 +1,19 @@
-"""Several methods at once, sharing passes, and the registry of methods by name."""
+"""Several methods at once, each shared pass run once: :func:`explain`."""
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from torchvis.core.forward import Target
-from torchvis.core.hooks import LayerRef
-from torchvis.core.passes import gradient_pass
-from torchvis.methods.cam import cam_map, grad_cam, guided_cam, guided_grad_cam
-from torchvis.methods.gradient import guided_backprop, saliency
-from torchvis.methods.perturbation import occlusion
+from torchvis.core.hooks import LayerRef, resolve_layer
+from torchvis.core.passes import shared_passes
+from torchvis.methods.spec import MethodSpec, Need, spec_of
 
-METHODS: dict[str, Callable[..., Tensor]] = {
-    "saliency": saliency,
-    "guided_backprop": guided_backprop,
-    "grad_cam": grad_cam,
-    "guided_grad_cam": guided_grad_cam,
-    "occlusion": occlusion,
-}
-"""Methods by name, for configs and the CLI: each is ``(model, x [B,C,H,W], target=None, **options) ->
-Tensor``. Add your own: ``METHODS["mine"] = my_method``."""
-
-_CAMS = ("grad_cam", "guided_grad_cam")
-
-
-def method_name(method: str | Callable[..., Tensor]) -> str:
-    """The registry name of a method given by name or by function."""
-    if isinstance(method, str):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
-        return method
-    for name, fn in METHODS.items():
-        if fn is method:
-            return name
-    return getattr(method, "__name__", type(method).__name__)
+Method = str | Callable[..., Tensor] | MethodSpec
+Layers = LayerRef | None | Sequence[LayerRef | None]
 
 
 def explain(
@@ -45,66 +21,91 @@ def explain(
     x: Tensor,
     target: Target = None,
     *,
-    methods: Sequence[str | Callable[..., Tensor]],
-    layer: LayerRef | None | Sequence[LayerRef | None] = None,
+    methods: Sequence[Method],
+    layer: Layers = None,
     eval_mode: bool = True,
     **options: Any,
 ) -> dict[str, Tensor]:
-    """Run several methods on one batch; returns ``{method name: map}`` in the order asked.
+    """Run several methods on one batch; returns ``{key: map}`` in the order asked.
 
-    Saliency and Grad-CAM (at one or several layers) share one forward and one backward pass; guided
-    backprop and guided Grad-CAM share one guided pass; occlusion and user methods run their own.
-    Every method explains the same class per example (``target=None``: the predicted one). With a list
-    of layers, the keys are ``"grad_cam/<layer>"`` (likewise guided Grad-CAM). ``options`` go to the
-    methods whose signature names them (``abs``, ``relu``, ``upsample``, ``window``, ...).
+    Methods are grouped by the pass they need (:class:`torchvis.methods.spec.Need`) and each pass runs
+    once: saliency and every CAM variant at every requested layer share one forward and one backward;
+    guided backprop and guided Grad-CAM share one guided pass; perturbation and other methods run
+    their own. Every method explains the same class per example (``target=None``: the predicted one).
+    A method that takes a layer — registered or a plain function whose signature names ``layer`` —
+    gets each requested layer; with a list of layers its keys are ``"<method>/<layer>"``, else
+    ``"<method>"``. ``options`` go to the methods whose signature names them (``abs``, ``relu``,
+    ``upsample``, ``window``, ...); an option no method takes is an error.
     """
-    functions = {method_name(m): m if callable(m) else METHODS[m] for m in methods}
-    names = list(functions)
-    opts = _route_options(functions, options)
-    layers: list[LayerRef | None] = list(layer) if isinstance(layer, (list, tuple)) else [layer]  # type: ignore[list-item]
-    cams = [name for name in _CAMS if name in names]
+    specs = unique_specs(methods)
+    routed = route_options(specs, options)
+    many = isinstance(layer, (list, tuple))
+    layers: list[LayerRef | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
 
-    if "saliency" in names or cams:
-        plain = gradient_pass(
-            model, x, target, layers=layers if cams else [],
-            input_grad="saliency" in names, eval_mode=eval_mode,
+    shared_specs = [spec for spec in specs if spec.shared]
+    names: list[str] | None = None
+    if shared_specs:
+        passes = shared_passes(
+            model, x, target,
+            input_grad=any(Need.INPUT_GRADIENT in spec.needs for spec in shared_specs),
+            layers=layers if any(spec.takes_layer for spec in shared_specs) else [],
+            guided=any(Need.GUIDED in spec.needs for spec in shared_specs),
+            eval_mode=eval_mode,
         )
-        target = plain.target
-        if plain.input_grad is not None:
-            grad = plain.input_grad.to(x.dtype)
-            results["saliency"] = grad.abs() if opts["saliency"].get("abs", False) else grad
-    if "guided_backprop" in names or "guided_grad_cam" in names:
-        guided = gradient_pass(model, x, target, input_grad=True, guided=True, eval_mode=eval_mode)
-        target = guided.target
-        assert guided.input_grad is not None
-        guided_grad = results["guided_backprop"] = guided.input_grad.to(x.dtype)
-    for layer_name in plain.layer_names if cams else ():
-        suffix = f"/{layer_name}" if isinstance(layer, (list, tuple)) else ""
-        act, grad = plain.activations[layer_name], plain.grads[layer_name]
-        if "grad_cam" in names:
-            relu, upsample = opts["grad_cam"].get("relu", True), opts["grad_cam"].get("upsample", True)
-            results["grad_cam" + suffix] = cam_map(act, grad, x, relu=relu, upsample=upsample)
-        if "guided_grad_cam" in names:
-            results["guided_grad_cam" + suffix] = guided_cam(guided_grad, act, grad, x)
-    for name, fn in functions.items():
-        if name in ("saliency", "guided_backprop", *_CAMS):
+        target = passes[0].target
+        if passes[0].layer is not None:
+            names = [shared.layer for shared in passes]  # type: ignore[misc]
+        for spec in shared_specs:
+            assert spec.from_pass is not None
+            for shared in passes if spec.takes_layer else passes[:1]:
+                key = layer_key(spec.name, shared.layer, many) if spec.takes_layer else spec.name
+                results[key] = spec.from_pass(shared, **routed[spec.name])
+
+    for spec in specs:
+        if spec.shared:
             continue
-        if "eval_mode" in inspect.signature(fn).parameters:
-            opts[name]["eval_mode"] = eval_mode
-        results[name] = fn(model, x, target, **opts[name])
-    return {key: results[key] for name in names for key in results if key.split("/")[0] == name}
+        kwargs = dict(routed[spec.name])
+        if "eval_mode" in spec.parameters:
+            kwargs["eval_mode"] = eval_mode
+        if not spec.takes_layer:
+            results[spec.name] = spec.function(model, x, target, **kwargs)
+            continue
+        names = names or [_layer_name(model, ref) for ref in layers]
+        for ref, name in zip(layers, names, strict=True):
+            results[layer_key(spec.name, name, many)] = spec.function(model, x, target, layer=ref, **kwargs)
+    return {key: results[key] for spec in specs for key in results if key.split("/")[0] == spec.name}
 
 
-def _route_options(
-    functions: dict[str, Callable[..., Tensor]], options: dict[str, Any]
-) -> dict[str, dict[str, Any]]:
+def unique_specs(methods: Sequence[Method]) -> list[MethodSpec]:
+    """The specs of ``methods`` (names, functions or specs), each once, in the order given."""
+    if isinstance(methods, (str, MethodSpec)) or callable(methods):
+        raise TypeError("methods must be a sequence of methods, e.g. methods=['saliency']")
+    specs: dict[str, MethodSpec] = {}
+    for method in methods:
+        spec = spec_of(method)
+        specs.setdefault(spec.name, spec)
+    if not specs:
+        raise ValueError("methods is empty; name at least one, e.g. methods=('saliency', 'grad_cam')")
+    return list(specs.values())
+
+
+def route_options(specs: Sequence[MethodSpec], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Give each method the options its signature names; an option no method takes is an error."""
-    routed: dict[str, dict[str, Any]] = {name: {} for name in functions}
+    routed: dict[str, dict[str, Any]] = {spec.name: {} for spec in specs}
     for key, value in options.items():
-        takers = [name for name, fn in functions.items() if key in inspect.signature(fn).parameters]
+        takers = [spec.name for spec in specs if key in spec.options]
         if not takers:
-            raise TypeError(f"option {key!r} is taken by none of the methods {sorted(functions)}")
+            raise TypeError(f"option {key!r} is taken by none of the methods {[s.name for s in specs]}")
         for name in takers:
             routed[name][key] = value
     return routed
+
+
+def layer_key(method: str, layer: str | None, many: bool) -> str:
+    """``"<method>/<layer>"`` for a list of layers, else ``"<method>"``."""
+    return f"{method}/{layer}" if many else method
+
+
+def _layer_name(model: nn.Module, layer: LayerRef | None) -> str:
+    return "auto" if layer is None else resolve_layer(model, layer)[0]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from torchvis.core.forward import Target
-from torchvis.core.passes import gradient_pass
+from torchvis.core.passes import Shared, shared_passes
+from torchvis.methods.spec import Look, Need, register
 
 
 def saliency(
@@ -17,9 +18,14 @@ def saliency(
     Classification Models and Saliency Maps", ICLR-W 2014. ``abs=True`` returns its absolute value.
     One forward and one backward to the input; no weight gradient is computed.
     """
-    grad = gradient_pass(model, x, target, input_grad=True, eval_mode=eval_mode).input_grad
-    assert grad is not None
-    grad = grad.to(x.dtype)
+    (shared,) = shared_passes(model, x, target, input_grad=True, eval_mode=eval_mode)
+    return saliency_from(shared, abs=abs)
+
+
+def saliency_from(shared: Shared, *, abs: bool = False) -> Tensor:
+    """:func:`saliency` from the shared plain pass."""
+    assert shared.input_grad is not None
+    grad = shared.input_grad.to(shared.x.dtype)
     return grad.abs() if abs else grad
 
 
@@ -34,6 +40,17 @@ def guided_backprop(
     not) and functional calls (``F.relu``, ``torch.relu``, ``Tensor.relu``, ``relu_``). Other
     activations (GELU, SiLU, ...) keep their plain gradient, and a warning names them.
     """
-    grad = gradient_pass(model, x, target, input_grad=True, guided=True, eval_mode=eval_mode).input_grad
-    assert grad is not None
-    return grad.to(x.dtype)
+    (shared,) = shared_passes(model, x, target, guided=True, eval_mode=eval_mode)
+    return guided_backprop_from(shared)
+
+
+def guided_backprop_from(shared: Shared) -> Tensor:
+    """:func:`guided_backprop` from the shared guided pass."""
+    assert shared.guided_grad is not None
+    return shared.guided_grad.to(shared.x.dtype)
+
+
+register("saliency", saliency, needs=Need.INPUT_GRADIENT, from_pass=saliency_from, look=Look.SIGNED,
+         title="saliency")
+register("guided_backprop", guided_backprop, needs=Need.GUIDED, from_pass=guided_backprop_from,
+         look=Look.RGB, title="guided backprop")

@@ -14,6 +14,7 @@ from torchvis.core.forward import (
     guarded,
     resolve_target,
 )
+from torchvis.methods.spec import Look, Need, register
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -153,3 +154,7 @@ def _spread(
     for k, i in enumerate(rows):
         heat[:, i : i + wh, :] += bands[:, k : k + 1, :]
     return heat.unsqueeze(1)
+
+
+register("occlusion", occlusion, needs=Need.PERTURBATION, look=Look.SIGNED_OVERLAY, title="occlusion",
+         needs_hooks=False)

@@ -2,9 +2,9 @@
 
 Pure functions from tensors to a matplotlib ``Figure`` or an RGB array; no pyplot (so no global
 figure registry and no GUI backend), no files. Each map is drawn as TensorBoard draws it
-(:data:`torchvis.image.LOOKS`): Grad-CAM as an "inferno" overlay on the input, occlusion as a
-signed "bwr" overlay (red: hiding the patch lowers the score), saliency as a signed "bwr" map, guided
-backprop and guided Grad-CAM as RGB gradient pictures (grey is zero; "bwr" for grey inputs).
+(the method's registered :class:`torchvis.Look`): Grad-CAM as an "inferno" overlay on the input,
+occlusion as a signed "bwr" overlay (red: hiding the patch lowers the score), saliency as a signed
+"bwr" map, guided backprop and guided Grad-CAM as RGB gradient pictures (grey is zero; "bwr" for grey inputs).
 """
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from torchvis.methods.spec import SPECS
 from torchvis.rendering import image as im
 
-__all__ = ["TITLES", "explanation_figure", "figure_rgb", "panel_boxes", "render_map"]
+__all__ = ["explanation_figure", "figure_rgb", "panel_boxes", "render_map", "title_of"]
 
-TITLES = {
-    "saliency": "saliency",
-    "guided_backprop": "guided backprop",
-    "grad_cam": "Grad-CAM",
-    "guided_grad_cam": "guided Grad-CAM",
-    "occlusion": "occlusion",
-}
-"""Panel titles by method name; other names are shown as they are."""
+def title_of(key: str) -> str:
+    """The panel title of a map keyed ``"<method>"`` or ``"<method>/<layer>"``: the registered method's
+    title (:class:`torchvis.methods.spec.MethodSpec`), with the layer in brackets."""
+    method, _, layer = key.partition("/")
+    title = SPECS[method].title if method in SPECS else method
+    return f"{title} ({layer})" if layer else title
 
 # Layout, in inches: square panels, a band above them for the titles, thin margins.
 _PANEL, _GAP, _MARGIN, _TITLES = 2.4, 0.1, 0.1, 0.75
@@ -35,8 +34,8 @@ _PANEL, _GAP, _MARGIN, _TITLES = 2.4, 0.1, 0.1, 0.75
 
 def render_map(method: str, attr: Tensor, image: Tensor) -> Tensor:
     """One raw map ``[C|1,h,w]`` of ``method`` for the input ``image`` ``[C,H,W]`` in [0, 1], drawn in
-    the method's look (:data:`torchvis.image.LOOKS`, as in TensorBoard). Returns ``[3,H,W]`` in
-    [0, 1] (``[3,h,w]`` for the looks drawn without the input)."""
+    the method's registered :class:`torchvis.Look`, as in TensorBoard. Returns ``[3,H,W]`` in [0, 1]
+    (``[3,h,w]`` for the looks drawn without the input)."""
     picture = im.render_map(attr.detach().float().cpu()[None], image.detach().float().cpu()[None],
                                  im.look_of(method))
     return picture[0]
@@ -58,7 +57,7 @@ def explanation_figure(
     """
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"image must be [C,H,W] with 1 or 3 channels, got {list(image.shape)}")
-    names = {**{k: TITLES.get(k.split("/")[0], k) for k in maps}, **(labels or {})}
+    names = {**{k: title_of(k) for k in maps}, **(labels or {})}
     n = 1 + len(maps)
     width, height = 2 * _MARGIN + n * _PANEL + (n - 1) * _GAP, _MARGIN + _PANEL + _TITLES
     fig = Figure(figsize=(width, height), dpi=dpi)

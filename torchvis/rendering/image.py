@@ -32,7 +32,6 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping, Sequence
-from enum import Enum
 
 import matplotlib
 import numpy as np
@@ -41,8 +40,9 @@ import torch.nn.functional as F
 from matplotlib.colors import Colormap
 from torch import Tensor
 
+from torchvis.methods.spec import SPECS, Look
+
 __all__ = [
-    "LOOKS",
     "Look",
     "look_of",
     "render_map",
@@ -308,35 +308,14 @@ def render(attr: Tensor, image: Tensor | None = None, *, signed: bool = False,
 
 # --- a look per method ------------------------------------------------------------------------
 
-class Look(Enum):
-    """How a raw map becomes a picture (the defaults are :data:`LOOKS`).
-
-    Gradients (saliency) are signed, so they get the diverging map (white = 0, red = evidence for the
-    class, blue = against) on their own; guided backprop keeps its colour channels on mid-grey;
-    Grad-CAM is non-negative and coarse, so it gets the sequential map blended over the input; the
-    occlusion score drop is signed (hiding a patch can raise the score), blended over the input.
-    """
-
-    SIGNED = "signed"  # diverging map alone, zero exactly white
-    SIGNED_OVERLAY = "signed_overlay"  # diverging map blended over the input
-    HEAT_OVERLAY = "heat_overlay"  # magnitude, sequential map blended over the input
-    RGB = "rgb"  # channels kept, zero mid-grey (SIGNED for one-channel inputs)
-
-
-LOOKS: dict[str, Look] = {
-    "saliency": Look.SIGNED,
-    "guided_backprop": Look.RGB,
-    "guided_grad_cam": Look.RGB,
-    "grad_cam": Look.HEAT_OVERLAY,
-    "occlusion": Look.SIGNED_OVERLAY,
-}
-"""Default look per method name; any other method is drawn ``Look.SIGNED``."""
-
-
 def look_of(key: str, overrides: Mapping[str, Look] | None = None) -> Look:
-    """The look of a map keyed by method name (``"grad_cam/layer4"`` counts as ``"grad_cam"``)."""
+    """The look of a map keyed by method name (``"grad_cam/layer4"`` counts as ``"grad_cam"``): the
+    override if given, else the registered method's (:class:`torchvis.methods.spec.MethodSpec`), else
+    ``Look.SIGNED``."""
     method = key.split("/")[0]
-    return (overrides or {}).get(method) or LOOKS.get(method, Look.SIGNED)
+    if overrides and method in overrides:
+        return overrides[method]
+    return SPECS[method].look if method in SPECS else Look.SIGNED
 
 
 def render_map(attr: Tensor, display: Tensor, look: Look) -> Tensor:

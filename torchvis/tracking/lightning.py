@@ -27,7 +27,7 @@ except ImportError:
 
 from torchvis.core.forward import Target, check_input
 from torchvis.core.hooks import LayerRef
-from torchvis.rendering.image import Look
+from torchvis.methods.spec import Look
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import Labels, Methods, Stats, check_logging
 

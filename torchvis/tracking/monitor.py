@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
-from torchvis.rendering.image import Look
+from torchvis.methods.spec import Look
 from torchvis.tracking.tensorboard import (
     Labels,
     Methods,

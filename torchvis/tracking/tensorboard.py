@@ -17,8 +17,8 @@ tag                            content
 ``<prefix>/probe_accuracy``    scalar, when ``labels`` are given and the sink has ``add_scalar``
 =============================  =====================================================================
 
-Each map is drawn in the look of its method (:data:`torchvis.image.LOOKS`, where the choices are
-explained; override with ``looks=``). Images go to the sink as uint8 ``[1,3,H,W]`` on the CPU: one
+Each map is drawn in the look of its method (:class:`torchvis.Look`, given when the method is
+registered; override with ``looks=``). Images go to the sink as uint8 ``[1,3,H,W]`` on the CPU: one
 device-to-host copy per grid, and no sink-side scaling to guess.
 
 :class:`PNGWriter` is a sink for people who do not open TensorBoard: ``<folder>/<tag>/step_000100.png``
@@ -27,7 +27,6 @@ with each ``/`` of the tag replaced by ``-``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import re
@@ -42,9 +41,9 @@ from torch.utils.tensorboard import summary
 
 from torchvis.core.forward import Target, check_input, checked_logits, guarded, resolve_target
 from torchvis.core.hooks import LayerRef, resolve_layer
-from torchvis.methods.combine import METHODS, explain, method_name
+from torchvis.methods.combine import explain, unique_specs
+from torchvis.methods.spec import Look, MethodSpec
 from torchvis.rendering import image
-from torchvis.rendering.image import Look
 
 NROW = 8  # tiles per grid row, as TensorBoard's own add_images grid
 
@@ -194,14 +193,12 @@ def check_logging(
         high = len(class_names) if class_names is not None else math.inf
         if int(y.min()) < 0 or int(y.max()) >= high:
             raise ValueError(f"labels must lie in [0, {high}); got {y.min().item()}..{y.max().item()}")
-    if not methods:
-        raise ValueError("methods is empty; name at least one, e.g. methods=('saliency', 'grad_cam')")
-    functions = {method_name(m): m if callable(m) else METHODS[m] for m in methods}
+    specs = unique_specs(methods)
     refs: Sequence[LayerRef | None] = layer if isinstance(layer, (list, tuple)) else [layer]  # type: ignore[list-item]
     for ref in refs:
         if ref is not None:
             resolve_layer(model, ref)
-    _check_options(functions, options)
+    _check_options(specs, options, has_layer=all(ref is not None for ref in refs))
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std (the normalisation of the inputs), or neither")
     if mean is not None and std is not None:
@@ -227,16 +224,20 @@ def check_target(target: Target, batch: int) -> None:
             raise ValueError(f"target must hold {batch} integer class indices; got {t.dtype} {list(t.shape)}")
 
 
-def _check_options(functions: Mapping[str, Callable[..., Tensor]], options: Mapping[str, Any]) -> None:
-    signatures = {name: inspect.signature(fn).parameters for name, fn in functions.items()}
+def _check_options(specs: Sequence[MethodSpec], options: Mapping[str, Any], *, has_layer: bool) -> None:
+    """Every option is taken by some method, every method gets the options it requires, and a method
+    whose ``layer`` has no default gets one."""
     for key in options:
-        if not any(key in params for params in signatures.values()):
-            raise TypeError(f"option {key!r} is taken by none of the methods {sorted(functions)}")
-    for name, params in signatures.items():
-        missing = [p.name for p in params.values() if p.kind is p.KEYWORD_ONLY and p.default is p.empty
-                   and p.name != "layer" and p.name not in options]
+        if not any(key in spec.options for spec in specs):
+            raise TypeError(f"option {key!r} is taken by none of the methods {[s.name for s in specs]}")
+    for spec in specs:
+        missing = [name for name in spec.required_options if name not in options]
         if missing:
-            raise TypeError(f"method {name!r} needs the option(s) {missing}, e.g. window=8 for occlusion")
+            raise TypeError(
+                f"method {spec.name!r} needs the option(s) {missing}, e.g. window=8 for occlusion"
+            )
+        if spec.layer_required and not has_layer:
+            raise TypeError(f"method {spec.name!r} needs a layer; pass layer='<dotted module name>'")
 
 
 def check_sink(writer: object) -> None:
