@@ -161,6 +161,46 @@ def shared_passes(
             for name in plain.layer_names]
 
 
+@dataclass(frozen=True)
+class ActivationPass:
+    """The result of :func:`activation_pass`; every tensor detached.
+
+    ``logits`` ``[B, classes]``; ``target`` ``[B]`` int64; ``layer`` the dotted name of the layer
+    (resolving ``None``) and ``activation`` its output ``[B,K,h,w]``.
+    """
+
+    logits: Tensor
+    target: Tensor
+    layer: str
+    activation: Tensor
+
+
+def activation_pass(
+    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerRef | None, eval_mode: bool = True
+) -> ActivationPass:
+    """One forward pass without gradients that records ``layer``'s output (for methods that only
+    read activations, such as Score-CAM). ``layer=None`` as in :func:`gradient_pass`. It also runs
+    under ``torch.inference_mode()``: the recorded outputs must be ordinary tensors, whose in-place
+    changes are tracked, so the pass itself runs outside it."""
+    check_input(x)
+    name = None if layer is None else hooks.resolve_layer(model, layer)[0]
+    with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode(False), torch.no_grad():
+        auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
+            hooks.feature_maps(model) if name is None else nullcontext([])
+        )
+        with hooks.capture(model, [] if name is None else [name]) as rec, auto as maps:
+            logits = checked_logits(model(x.clone()), x.shape[0])
+        if name is None:
+            chosen = pick_feature_layer(maps, grad=False)
+            name, output = chosen.name, chosen.output
+            warnings.warn(f"layer=None: using {name!r}, the last spatial feature map", stacklevel=3)
+        else:
+            output = _single_call_output(rec, name)
+        check_finite(logits)
+        t = resolve_target(target, logits)
+    return ActivationPass(logits=logits, target=t, layer=name, activation=output)
+
+
 def _single_call_output(rec: hooks.Recording, name: str) -> Tensor:
     if rec.calls[name] > 1:
         raise ValueError(
@@ -179,10 +219,11 @@ def _warn_untreated(report: hooks.ActivationReport) -> None:
     )
 
 
-def pick_feature_layer(maps: Sequence[hooks.ModuleOutput]) -> hooks.ModuleOutput:
+def pick_feature_layer(maps: Sequence[hooks.ModuleOutput], *, grad: bool = True) -> hooks.ModuleOutput:
     """The last module (in order of finishing) whose output is a spatial map ``[B,K,h,w]`` with
     ``h*w > 1``, that ran once and whose output no later op changed in place — skipping dropout and
-    identity modules, which only pass their input on. For torchvision's ResNet this is ``layer4``."""
+    identity modules, which only pass their input on. For torchvision's ResNet this is ``layer4``.
+    With ``grad`` (a forward run with gradients on) the output must also depend on the input."""
     counts = Counter(seen.name for seen in maps)
     for seen in reversed(maps):
         if (
@@ -190,7 +231,7 @@ def pick_feature_layer(maps: Sequence[hooks.ModuleOutput]) -> hooks.ModuleOutput
             and not isinstance(seen.module, _PASS_THROUGH)
             and seen.output.shape[-1] * seen.output.shape[-2] > 1
             and seen.output._version == seen.version
-            and seen.output.requires_grad
+            and (seen.output.requires_grad or not grad)
         ):
             return seen
     raise ValueError(

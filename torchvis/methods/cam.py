@@ -28,15 +28,16 @@ def cam(activation: Tensor, grad: Tensor, *, relu: bool = True) -> Tensor:
 
     Returns ``[B,1,h,w]``, rectified unless ``relu=False``.
     """
-    _check_feature_map(activation)
+    check_feature_map(activation)
     heat = grad_cam_heat(activation, grad)
     return heat.clamp_min(0) if relu else heat
 
 
-def _check_feature_map(activation: Tensor) -> None:
+def check_feature_map(activation: Tensor, method: str = "Grad-CAM") -> None:
+    """``activation`` must be a feature map ``[B,K,h,w]``: a CAM of ``method`` needs a spatial layer."""
     if activation.dim() != 4:
         raise ValueError(
-            "Grad-CAM needs a layer whose output is a feature map [B,K,h,w]; got shape "
+            f"{method} needs a layer whose output is a feature map [B,K,h,w]; got shape "
             f"{list(activation.shape)}"
         )
 
@@ -57,7 +58,7 @@ def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: bool) -> Tensor
 
 def cam_map(activation: Tensor, grad: Tensor, x: Tensor, *, relu: bool, upsample: bool) -> Tensor:
     """:func:`cam` in ``x``'s dtype, at ``x``'s size if ``upsample``: ``[B,1,H,W]`` or ``[B,1,h,w]``."""
-    _check_feature_map(activation)
+    check_feature_map(activation)
     return finish_cam(grad_cam_heat(activation, grad), x, relu=relu, upsample=upsample)
 
 

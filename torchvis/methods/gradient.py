@@ -1,4 +1,4 @@
-"""Input-gradient methods: vanilla saliency and guided backprop."""
+"""Input-gradient methods: vanilla saliency, guided backprop and gradient x input."""
 
 from __future__ import annotations
 
@@ -29,6 +29,25 @@ def saliency_from(shared: Shared, *, abs: bool = False) -> Tensor:
     return grad.abs() if abs else grad
 
 
+def gradient_x_input(
+    model: nn.Module, x: Tensor, target: Target = None, *, eval_mode: bool = True
+) -> Tensor:
+    """The input times the gradient of the target logit at it. Returns the shape of ``x`` ``[B,C,H,W]``.
+
+    Shrikumar, Greenside, Shcherbina & Kundaje, "Not Just a Black Box: Learning Important Features
+    Through Propagating Activation Differences", arXiv:1605.01713, 2016. It reads the same forward
+    and backward as :func:`saliency`; for a linear model it is each input's share ``w * x`` of the logit.
+    """
+    (shared,) = shared_passes(model, x, target, input_grad=True, eval_mode=eval_mode)
+    return gradient_x_input_from(shared)
+
+
+def gradient_x_input_from(shared: Shared) -> Tensor:
+    """:func:`gradient_x_input` from the shared plain pass."""
+    assert shared.input_grad is not None
+    return (shared.input_grad * shared.x).to(shared.x.dtype)
+
+
 def guided_backprop(
     model: nn.Module, x: Tensor, target: Target = None, *, eval_mode: bool = True
 ) -> Tensor:
@@ -54,3 +73,5 @@ register("saliency", saliency, needs=Need.INPUT_GRADIENT, from_pass=saliency_fro
          title="saliency")
 register("guided_backprop", guided_backprop, needs=Need.GUIDED, from_pass=guided_backprop_from,
          look=Look.RGB, title="guided backprop")
+register("gradient_x_input", gradient_x_input, needs=Need.INPUT_GRADIENT, from_pass=gradient_x_input_from,
+         look=Look.SIGNED, title="gradient × input")
