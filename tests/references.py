@@ -152,3 +152,102 @@ def occlusion(
                     count[rows, cols] += 1
             out[b, 0] = total / count
     return out
+
+
+def gradient_x_input(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    """Shrikumar et al. 2016: the input times its gradient."""
+    return x * saliency(model, x, target)
+
+
+def layer_cam_family(
+    model: nn.Module, x: Tensor, target: Tensor, layer: str, variant: str, *, relu: bool = True,
+    upsample: bool = True,
+) -> Tensor:
+    """Grad-CAM++, XGrad-CAM, LayerCAM or HiResCAM written from the papers' formulas, one example, one
+    channel and one position at a time. Returns ``[B,1,H,W]`` (``[B,1,h,w]``)."""
+    model = plain_copy(model)
+    maps = []
+    for image, t in zip(x, target.tolist(), strict=True):
+        act, grad = layer_activation_and_grad(model, image, t, layer)
+        channels, height, width = act.shape
+        heat = torch.zeros(height, width, dtype=act.dtype)
+        for k in range(channels):
+            a, g = act[k], grad[k]
+            if variant == "grad_cam_pp":  # Chattopadhyay et al. 2018, Eq. 19
+                total, w = float(a.sum()), 0.0
+                for i in range(height):
+                    for j in range(width):
+                        gij = float(g[i, j])
+                        denominator = 2 * gij**2 + total * gij**3
+                        alpha = gij**2 / denominator if denominator != 0 else 0.0
+                        w += alpha * max(gij, 0.0)
+                heat += w * a
+            elif variant == "xgrad_cam":  # Fu et al. 2020
+                total, w = float(a.sum()), 0.0
+                if total != 0:
+                    w = sum(float(a[i, j]) / total * float(g[i, j]) for i in range(height) for j in range(width))
+                heat += w * a
+            elif variant == "layer_cam":  # Jiang et al. 2021
+                heat += torch.where(g > 0, g, torch.zeros_like(g)) * a
+            elif variant == "hires_cam":  # Draelos & Carin 2020
+                heat += g * a
+            else:
+                raise AssertionError(variant)
+        maps.append(heat.clamp_min(0) if relu else heat)
+    out = torch.stack(maps)[:, None]
+    if upsample:
+        out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return out
+
+
+def layer_activation(model: nn.Module, image: Tensor, layer: str) -> Tensor:
+    """One image's activation at ``layer`` ``[K,h,w]``, without gradients."""
+    stored: list[Tensor] = []
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda mod, inp, out: stored.append(out.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(image[None])
+    finally:
+        handle.remove()
+    return stored[0][0]
+
+
+def score_cam(model: nn.Module, x: Tensor, target: Tensor, layer: str) -> Tensor:
+    """Wang et al. 2020 as in the authors' code: one masked forward per example and channel, the mask
+    the upsampled channel min-max normalised; a channel constant at the layer is skipped. ``[B,1,H,W]``."""
+    model = plain_copy(model)
+    size = x.shape[-2:]
+    maps = []
+    for image, t in zip(x, target.tolist(), strict=True):
+        act = layer_activation(model, image, layer)
+        heat = torch.zeros(1, 1, *size, dtype=x.dtype)
+        for k in range(act.shape[0]):
+            if act[k].max() == act[k].min():
+                continue
+            up = F.interpolate(act[k][None, None], size=size, mode="bilinear", align_corners=False)
+            mask = (up - up.min()) / (up.max() - up.min())
+            with torch.no_grad():
+                probability = torch.softmax(model(image[None] * mask), dim=1)[0, t]
+            heat += probability * up
+        maps.append(heat.clamp_min(0)[0])
+    return torch.stack(maps)
+
+
+def smoothgrad_samples(
+    method: Any, model: nn.Module, x: Tensor, target: Tensor, *, samples: int, noise: float, seed: int,
+    **options: Any,
+) -> Tensor:
+    """``method`` on each noisy copy, one copy and one example at a time: ``[samples, B, ...]``. Sample
+    ``s``'s noise is the ``s``-th ``torch.randn(x.shape)`` of a CPU generator seeded with ``seed``,
+    scaled per example by ``noise * (max - min)``."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(samples):
+        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        maps = []
+        for b in range(x.shape[0]):
+            sigma = noise * (x[b].max() - x[b].min())
+            maps.append(method(model, (x[b] + sigma * eps[b])[None], target[b : b + 1], **options)[0])
+        out.append(torch.stack(maps))
+    return torch.stack(out)

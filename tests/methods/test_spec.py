@@ -75,7 +75,11 @@ def reference_layer_tensors(model: nn.Module, x: Tensor, target: Tensor, layer: 
 def test_registry_is_read_only_and_says_how_to_register() -> None:
     with pytest.raises(TypeError, match=r"torchvis\.register\('mine', function"):
         METHODS["mine"] = torchvis.saliency  # type: ignore[index]
-    assert list(METHODS) == ["saliency", "guided_backprop", "grad_cam", "guided_grad_cam", "occlusion"]
+    assert list(METHODS) == [
+        "saliency", "guided_backprop", "gradient_x_input", "grad_cam", "guided_grad_cam", "occlusion",
+        "integrated_gradients", "smoothgrad", "vargrad", "grad_cam_pp", "xgrad_cam", "layer_cam", "hires_cam",
+        "score_cam",
+    ]
     assert METHODS["grad_cam"] is torchvis.grad_cam and SPECS["grad_cam"].look is Look.HEAT_OVERLAY
 
 

@@ -45,7 +45,7 @@ def gradient_x_input(
 def gradient_x_input_from(shared: Shared) -> Tensor:
     """:func:`gradient_x_input` from the shared plain pass."""
     assert shared.input_grad is not None
-    return (shared.input_grad * shared.x).to(shared.x.dtype)
+    return (shared.input_grad * shared.x.detach()).to(shared.x.dtype)
 
 
 def guided_backprop(

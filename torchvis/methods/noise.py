@@ -89,7 +89,7 @@ def _smoothed(
 ) -> tuple[Tensor, Tensor | None]:
     """The mean over ``samples`` noisy copies of ``method``'s map and their population variance
     (``None`` when ``noise == 0``: every copy is ``x``, and the mean is one call of ``method``)."""
-    check_input(x)
+    x = check_input(x).detach()
     spec = wrapped_spec(method, options)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1; got {samples!r}")

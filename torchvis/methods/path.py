@@ -115,7 +115,7 @@ def integrated_gradients(
     default_batch_size` chooses), one forward and one ``torch.autograd.grad`` each. With
     ``return_delta``, also the completeness gap ``sum(IG) - (F(x) - F(x'))`` per example.
     """
-    check_input(x)
+    x = check_input(x).detach()
     nodes, weights = quadrature(rule, steps)
     if batch_size is None:
         batch_size = default_batch_size(x)
