@@ -185,7 +185,9 @@ def layer_cam_family(
             elif variant == "xgrad_cam":  # Fu et al. 2020
                 total, w = float(a.sum()), 0.0
                 if total != 0:
-                    w = sum(float(a[i, j]) / total * float(g[i, j]) for i in range(height) for j in range(width))
+                    w = sum(
+                        float(a[i, j]) / total * float(g[i, j]) for i in range(height) for j in range(width)
+                    )
                 heat += w * a
             elif variant == "layer_cam":  # Jiang et al. 2021
                 heat += torch.where(g > 0, g, torch.zeros_like(g)) * a

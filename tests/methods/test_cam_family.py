@@ -97,7 +97,8 @@ class ConvGapLinear(nn.Module):
         self.relu = nn.ReLU()
         self.fc = nn.Linear(4, 3)
         with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 3.0], [-1.0, 0.25, 2.0, -0.5], [0.0, 1.0, -1.0, 2.0]]))
+            weights = [[1.0, -2.0, 0.5, 3.0], [-1.0, 0.25, 2.0, -0.5], [0.0, 1.0, -1.0, 2.0]]
+            self.fc.weight.copy_(torch.tensor(weights))
             self.fc.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,8 +125,8 @@ def test_closed_forms_on_conv_gap_linear(
     positive = (w.clamp_min(0) * a).sum(dim=1, keepdim=True)
     torch.testing.assert_close(layer_cam(model, x, t, **options), positive, rtol=1e-12, atol=1e-14)
     alpha_weight = w.clamp_min(0) / (2 + w * a.sum(dim=(2, 3), keepdim=True)) * hw
-    torch.testing.assert_close(grad_cam_pp(model, x, t, **options), (alpha_weight * a).sum(dim=1, keepdim=True),
-                               rtol=1e-12, atol=1e-14)
+    plus_plus = (alpha_weight * a).sum(dim=1, keepdim=True)
+    torch.testing.assert_close(grad_cam_pp(model, x, t, **options), plus_plus, rtol=1e-12, atol=1e-14)
     assert cam.abs().min() > 0 and not torch.allclose(cam, positive)
 
 
@@ -162,7 +163,8 @@ def test_score_cam_matches_the_per_channel_loop(
     torch.testing.assert_close(got, ref.score_cam(model, x, t, layer), rtol=1e-10, atol=1e-12)
     assert got.shape == (2, 1, 8, 8) and got.abs().sum() > 0
     if batch_size is None:
-        torch.testing.assert_close(score_cam(model, x, layer=layer), ref.score_cam(model, x, predicted(model, x), layer))
+        expected = ref.score_cam(model, x, predicted(model, x), layer)
+        torch.testing.assert_close(score_cam(model, x, layer=layer), expected)
 
 
 def test_score_cam_skips_constant_channels_and_warns_when_all_are() -> None:
