@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import torchvis
 from torchvis.methods import METHODS, explain
 from torchvis.methods.cam import grad_cam, guided_grad_cam
 from torchvis.methods.gradient import guided_backprop, saliency
@@ -271,7 +272,15 @@ def test_explain_equals_individual_methods(
         "grad_cam": grad_cam(model, x, target, layer="conv2", relu=False),
         "guided_grad_cam": guided_grad_cam(model, x, target, layer="conv2"),
         "occlusion": occlusion(model, x, target, **occ),
+        "gradient_x_input": torchvis.gradient_x_input(model, x, target),
+        "integrated_gradients": torchvis.integrated_gradients(model, x, target, baseline=0.1),
+        "smoothgrad": torchvis.smoothgrad(model, x, target),
+        "vargrad": torchvis.vargrad(model, x, target),
+        "score_cam": torchvis.score_cam(model, x, target, layer="conv2"),
+        **{name: METHODS[name](model, x, target, layer="conv2", relu=False)
+           for name in ("grad_cam_pp", "xgrad_cam", "layer_cam", "hires_cam")},
     }
+    assert set(expected) == set(METHODS)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12, msg=name)
     by_function = explain(
