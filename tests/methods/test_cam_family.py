@@ -167,6 +167,18 @@ def test_score_cam_matches_the_per_channel_loop(
         torch.testing.assert_close(score_cam(model, x, layer=layer), expected)
 
 
+def test_score_cam_rectifies_after_upsampling(
+    small_cnn: Callable[[int], nn.Module], randn: Callable[..., Tensor]
+) -> None:
+    """At a signed layer (conv3, 4x4 for an 8x8 input) the sum changes sign inside the image: the ReLU
+    comes after the upsampling, as in the authors' code, and the two orders differ there."""
+    model, x = small_cnn(2), randn(2, 2, 3, 8, 8)
+    t = predicted(model, x)
+    got = score_cam(model, x, t, layer="conv3")
+    torch.testing.assert_close(got, ref.score_cam(model, x, t, "conv3"), rtol=1e-10, atol=1e-12)
+    assert 0.2 < float((got > 0).double().mean()) < 0.8
+
+
 def test_score_cam_skips_constant_channels_and_warns_when_all_are() -> None:
     """A channel constant at the layer carries no location (its mask would be 0/0): weight 0. When every
     channel is, the map is 0 and a warning says so."""

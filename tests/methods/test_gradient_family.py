@@ -278,8 +278,12 @@ def test_smoothgrad_explains_the_class_of_the_clean_input(randn: Callable[..., T
     model, x = relu_mlp(1), randn(8, 2, 3, 2, 2)
     with torch.no_grad():
         t = model(x).argmax(dim=1)
+    per_sample = ref.smoothgrad_samples(ref.saliency, model, x, t, samples=12, noise=20.0, seed=1)
     got = smoothgrad(model, x, noise=20.0, samples=12, seed=1)
-    assert torch.equal(got, smoothgrad(model, x, t, noise=20.0, samples=12, seed=1))
+    torch.testing.assert_close(got, per_sample.mean(dim=0), rtol=1e-10, atol=1e-13)
+    own_class = ref.smoothgrad_samples(lambda m, image, _: m(image).argmax(dim=1, keepdim=True).double(),
+                                       model, x, t, samples=12, noise=20.0, seed=1)
+    assert (own_class[..., 0] != t).any(), "the noisy copies must not all keep the clean class"
 
 
 def test_smoothgrad_in_explain_passes_its_options_on(
