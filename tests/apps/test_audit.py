@@ -173,3 +173,11 @@ def test_a_class_is_flagged_only_when_both_ratio_and_excess_hold(share: float, o
         means[c, 4, 4] = 1 - s  # the centre: no region
     flags = suspicious(means, np.array([5, 5, 5]), "m", "true")
     assert ({f.label for f in flags} == {0}) is flagged and all(f.label == 0 for f in flags)
+
+
+def test_maps_are_stored_in_float16_unless_a_value_overflows_it() -> None:
+    from torchvis.apps.audit import _compact
+
+    small = torch.tensor([[1.0, -65504.0]])
+    assert _compact(small).dtype == np.float16 and _compact(small).tolist() == [[1.0, -65504.0]]
+    assert _compact(torch.tensor([[1.0, -70000.0]])).dtype == np.float32

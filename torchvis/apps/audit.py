@@ -195,7 +195,7 @@ def audit(
     try:
         for k in mine:
             indices = range(k * shard_size, min(len(data), (k + 1) * shard_size))
-            arrays = run.shard([data[i] for i in indices], batch_size, bar)
+            arrays = run.shard(data, indices, batch_size, bar)
             write_npz_atomic(shard_path(out, k), arrays)
     finally:
         bar.close()
@@ -220,20 +220,23 @@ class ShardRun:
     options: dict[str, Any]
     device: torch.device
 
-    def shard(self, examples: list[Example], batch_size: int, bar: Any) -> dict[str, np.ndarray]:
+    def shard(self, data: AuditData, indices: range, batch_size: int, bar: Any) -> dict[str, np.ndarray]:
+        """The arrays of the examples ``data[i]`` for ``i`` in ``indices``, computed in batches."""
         columns: dict[str, list[np.ndarray]] = {}
-        for lo in range(0, len(examples), batch_size):
-            batch = examples[lo : lo + batch_size]
+        names: list[str] = []
+        for lo in range(indices.start, indices.stop, batch_size):
+            batch = _examples(data, range(lo, min(indices.stop, lo + batch_size)))
             for key, value in self.batch(batch).items():
                 columns.setdefault(key, []).append(value)
-            bar.update(len(batch))
+            names += batch.names
+            bar.update(len(batch.labels))
         arrays = {key: np.concatenate(parts) for key, parts in columns.items()}
         arrays["classes"] = arrays["classes"][:1].reshape(())
-        arrays["name"] = np.asarray([e.name for e in examples], dtype=str)
+        arrays["name"] = np.asarray(names, dtype=str)
         return arrays
 
-    def batch(self, batch: list[Example]) -> dict[str, np.ndarray]:
-        x = torch.stack([e.x for e in batch]).to(self.device)
+    def batch(self, batch: Batch) -> dict[str, np.ndarray]:
+        x = batch.x.to(self.device)
         result = explain_batch(self.model, x, methods=self.methods, layer=self.layer, **self.options)
         logits = result.logits
         if logits is None:  # no shared pass ran (occlusion alone, say): one forward for the predictions
@@ -242,29 +245,53 @@ class ShardRun:
         probs = logits.float().softmax(dim=1)
         predicted = probs.argmax(dim=1)
         columns: dict[str, np.ndarray] = {
-            "label": np.asarray([e.label for e in batch], dtype=np.int64),
+            "label": np.asarray(batch.labels, dtype=np.int64),
             "predicted": predicted.cpu().numpy(),
             "probability": probs.gather(1, predicted[:, None])[:, 0].cpu().numpy(),
-            "classes": np.full(len(batch), probs.shape[1], dtype=np.int64),
+            "classes": np.full(len(batch.labels), probs.shape[1], dtype=np.int64),
         }
-        regions = [e.region for e in batch]
         for key, maps in result.maps.items():
             columns[f"map:{key}"] = _compact(maps)
             for metric in self.metrics:
                 score = deletion if metric == "deletion" else insertion
                 auc = score(self.model, x, maps, predicted, pixels_per_step=self.pixels_per_step)
                 columns[f"{metric}:{key}"] = auc.float().cpu().numpy()
-            if all(r is not None for r in regions):
-                inside = torch.stack([r.to(self.device) != 0 for r in regions])  # type: ignore[union-attr]
-                share = (mass(maps, x) * inside).sum(dim=(1, 2))
+            if batch.regions is not None:
+                share = (mass(maps, x) * (batch.regions.to(self.device) != 0)).sum(dim=(1, 2))
                 columns[f"inside:{key}"] = share.cpu().numpy()
         return columns
+
+
+class Batch(NamedTuple):
+    """Consecutive examples stacked: ``x`` ``[b,C,H,W]``, their labels and names, and their regions
+    ``[b,H,W]`` when every one has a region."""
+
+    x: Tensor
+    labels: list[int]
+    names: list[str]
+    regions: Tensor | None
+
+
+def _examples(data: AuditData, indices: range) -> Batch:
+    if isinstance(data, TensorData):  # slices, not one tensor per example
+        regions = data.regions[indices.start : indices.stop] if data.regions is not None else None
+        names = [data.names[i] for i in indices] if data.names is not None else [str(i) for i in indices]
+        return Batch(data.x[indices.start : indices.stop], data.y[indices.start : indices.stop].tolist(),
+                     names, regions)
+    examples = [data[i] for i in indices]
+    with_regions = all(e.region is not None for e in examples)
+    return Batch(torch.stack([e.x for e in examples]), [e.label for e in examples],
+                 [e.name for e in examples],
+                 torch.stack([e.region for e in examples]) if with_regions else None)  # type: ignore[misc]
 
 
 def _compact(maps: Tensor) -> np.ndarray:
     """float16 when every value fits it (half the bytes of float32), else float32."""
     values = maps.detach().float().cpu()
-    fits = bool(values.abs().max() <= FLOAT16_MAX) if values.numel() else True
+    if values.numel() == 0:
+        return values.numpy()
+    low, high = torch.aminmax(values)
+    fits = max(-float(low), float(high)) <= FLOAT16_MAX
     return values.half().numpy() if fits else values.numpy()
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -76,29 +77,45 @@ def suspicious(means: np.ndarray, counts: np.ndarray, method: str, grouping: str
 
 
 def class_means_figure(merged: Merged, grouping: str, names: Sequence[str], flags: Sequence[Flag]) -> Figure:
-    """Rows = methods, columns = classes: each class mean (``inferno``, scaled per tile), titled with the
-    class and its image count; a flagged region is outlined in cyan."""
+    """Rows = methods, columns = classes: each class mean (``inferno``, scaled per tile, enlarged to at
+    least 64 pixels), titled with the class and its image count; a flagged region is outlined in cyan.
+    One image in one axes: a figure of hundreds of subplots would cost seconds per audit."""
     keys, classes = merged.keys, len(names)
-    fig = Figure(figsize=(1.3 * classes + 1.2, 1.45 * len(keys) + 0.7), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    fig.suptitle(f"mean attribution mass by {grouping} class", fontsize=11)
+    height, width = merged.means[(keys[0], grouping)].shape[1:]
+    scale = max(1, -(-64 // min(height, width)))
+    tile_h, tile_w, gap = height * scale, width * scale, max(2, scale)
+    canvas = np.ones(((tile_h + gap) * len(keys), (tile_w + gap) * classes, 3))
+    inferno = colormaps["inferno"]
     for row, key in enumerate(keys):
         means = merged.means[(key, grouping)]
-        masks = region_masks(*means.shape[1:])
         for c in range(classes):
-            ax = fig.add_subplot(len(keys), classes, row * classes + c + 1)
-            ax.imshow(means[c], cmap="inferno", interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if row == 0:
-                ax.set_title(f"{names[c]}\n({int(merged.counts[grouping][c])})", fontsize=8)
-            if c == 0:
-                ax.set_ylabel(key, fontsize=8)
-            for flag in flags:
-                if flag.method == key and flag.grouping == grouping and flag.label == c:
-                    rows, cols = np.nonzero(masks[flag.region])
-                    ax.add_patch(Rectangle((cols.min() - 0.5, rows.min() - 0.5), cols.max() - cols.min() + 1,
-                                           rows.max() - rows.min() + 1, fill=False, edgecolor="cyan", lw=1.5))
+            top = means[c].max()
+            tile = inferno(means[c] / top if top > 0 else means[c])[..., :3]
+            tile = tile.repeat(scale, axis=0).repeat(scale, axis=1)
+            y, x = row * (tile_h + gap), c * (tile_w + gap)
+            canvas[y : y + tile_h, x : x + tile_w] = tile
+    fig = Figure(figsize=(canvas.shape[1] / 60 + 1.2, canvas.shape[0] / 60 + 1.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.9 / (canvas.shape[1] / 60 + 1.2), 0.1 / (canvas.shape[0] / 60 + 1.0),
+                       (canvas.shape[1] / 60) / (canvas.shape[1] / 60 + 1.2),
+                       (canvas.shape[0] / 60) / (canvas.shape[0] / 60 + 1.0)))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    fig.suptitle(f"mean attribution mass by {grouping} class", fontsize=11)
+    for c in range(classes):
+        ax.text(c * (tile_w + gap) + tile_w / 2, -gap, f"{names[c]}\n({int(merged.counts[grouping][c])})",
+                ha="center", va="bottom", fontsize=8)
+    for row, key in enumerate(keys):
+        ax.text(-gap, row * (tile_h + gap) + tile_h / 2, key, ha="right", va="center", fontsize=8)
+    masks = {region: np.nonzero(mask) for region, mask in region_masks(height, width).items()}
+    for flag in flags:
+        if flag.grouping != grouping or flag.method not in keys:
+            continue
+        rows, cols = masks[flag.region]
+        y0 = keys.index(flag.method) * (tile_h + gap) + rows.min() * scale
+        x0 = flag.label * (tile_w + gap) + cols.min() * scale
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), (cols.max() - cols.min() + 1) * scale,
+                               (rows.max() - rows.min() + 1) * scale, fill=False, edgecolor="cyan", lw=1.5))
     return fig
 
 
