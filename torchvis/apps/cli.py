@@ -14,6 +14,7 @@ from collections.abc import Sequence
 COMMANDS = {
     "demo": ("torchvis.apps.demo", "train the digits CNN with torchvis attached; stream maps to TensorBoard"),
     "explain": ("torchvis.apps.explain_cli", "explain image files with every method, one figure per image"),
+    "audit": ("torchvis.apps.audit_cli", "explain a labelled image folder; report where each class looks"),
 }
 
 

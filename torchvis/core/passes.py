@@ -112,11 +112,13 @@ class Shared:
     ``x`` the input ``[B,C,H,W]``; ``target`` the class explained per example, ``[B]`` int64;
     ``input_grad`` the plain gradient at ``x`` and ``guided_grad`` the guided-backprop one (shape of
     ``x``); ``activation`` and ``grad`` the output of the layer named ``layer`` ``[B,K,h,w]`` and the
-    target logit's gradient there. A field is ``None`` when no requested method needs it.
+    target logit's gradient there; ``logits`` the model's output ``[B, classes]``. A field is ``None``
+    when no requested method needs it.
     """
 
     x: Tensor
     target: Tensor
+    logits: Tensor
     input_grad: Tensor | None = None
     guided_grad: Tensor | None = None
     layer: str | None = None
@@ -152,6 +154,7 @@ def shared_passes(
     base = Shared(
         x=x,
         target=(plain or guided_result).target,  # type: ignore[union-attr]
+        logits=(plain or guided_result).logits,  # type: ignore[union-attr]
         input_grad=plain.input_grad if plain is not None else None,
         guided_grad=guided_result.input_grad if guided_result is not None else None,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -14,6 +14,14 @@ from torchvis.methods.spec import MethodSpec, Need, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
 Layers = LayerRef | None | Sequence[LayerRef | None]
+
+
+class Explained(NamedTuple):
+    """What :func:`explain_batch` returns: the maps by key, and the model's logits ``[B, classes]``
+    when a shared pass ran (``None`` otherwise)."""
+
+    maps: dict[str, Tensor]
+    logits: Tensor | None
 
 
 def explain(
@@ -37,6 +45,21 @@ def explain(
     ``"<method>"``. ``options`` go to the methods whose signature names them (``abs``, ``relu``,
     ``upsample``, ``window``, ...); an option no method takes is an error.
     """
+    return explain_batch(model, x, target, methods=methods, layer=layer, eval_mode=eval_mode, **options).maps
+
+
+def explain_batch(
+    model: nn.Module,
+    x: Tensor,
+    target: Target = None,
+    *,
+    methods: Sequence[Method],
+    layer: Layers = None,
+    eval_mode: bool = True,
+    **options: Any,
+) -> Explained:
+    """:func:`explain`, also returning the logits of the shared pass (so a caller that needs the
+    predictions, like the audit, runs no extra forward)."""
     specs = unique_specs(methods)
     routed = route_options(specs, options)
     many = isinstance(layer, (list, tuple))
@@ -45,6 +68,7 @@ def explain(
 
     shared_specs = [spec for spec in specs if spec.shared]
     names: list[str] | None = None
+    logits = None
     if shared_specs:
         passes = shared_passes(
             model, x, target,
@@ -53,7 +77,7 @@ def explain(
             guided=any(Need.GUIDED in spec.needs for spec in shared_specs),
             eval_mode=eval_mode,
         )
-        target = passes[0].target
+        target, logits = passes[0].target, passes[0].logits
         if passes[0].layer is not None:
             names = [shared.layer for shared in passes]  # type: ignore[misc]
         for spec in shared_specs:
@@ -74,7 +98,8 @@ def explain(
         names = names or [_layer_name(model, ref) for ref in layers]
         for ref, name in zip(layers, names, strict=True):
             results[layer_key(spec.name, name, many)] = spec.function(model, x, target, layer=ref, **kwargs)
-    return {key: results[key] for spec in specs for key in results if key.split("/")[0] == spec.name}
+    maps = {key: results[key] for spec in specs for key in results if key.split("/")[0] == spec.name}
+    return Explained(maps, logits)
 
 
 def unique_specs(methods: Sequence[Method]) -> list[MethodSpec]:
