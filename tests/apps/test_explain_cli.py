@@ -96,8 +96,8 @@ def decode(path: Path | bytes) -> np.ndarray:
 
 def layout(size: int) -> tuple[tuple[int, ...], list[tuple[int, int, int, int]]]:
     """The pixel shape and panel boxes of the command's figure for ``size x size`` inputs."""
-    fig = explanation_figure(torch.zeros(3, size, size), {m: torch.zeros(1, size, size) for m in METHODS},
-                             title="t")
+    maps = {m: torch.zeros(1, 1, size, size) for m in METHODS}
+    fig = explanation_figure(torch.zeros(1, 3, size, size), maps, title="t")
     return figure_rgb(fig).shape, panel_boxes(fig)
 
 

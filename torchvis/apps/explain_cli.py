@@ -339,8 +339,7 @@ def _explain_file(job: Job, item: ImageFile, writer: Any) -> dict[str, Any]:
     if job.layer is not None:
         options["layer"] = job.layer
     maps = explain(model, x, target, methods=methods, **options)
-    panels: dict[str, Tensor | str] = {m: maps[m][0].cpu() if m in maps else TORCHSCRIPT_NOTE
-                                       for m in METHODS}
+    panels: dict[str, Tensor | str] = {m: maps[m].cpu() if m in maps else TORCHSCRIPT_NOTE for m in METHODS}
     names = job.class_names
     title = f"pred: {names[predicted]} ({float(probs[predicted]):.3f})"
     if target != predicted:
@@ -348,7 +347,7 @@ def _explain_file(job: Job, item: ImageFile, writer: Any) -> dict[str, Any]:
     labels = {"occlusion": f"occlusion ({job.window} px)"}
     if job.layer is not None:
         labels["grad_cam"] = f"Grad-CAM ({job.layer})"
-    image = denormalize(x, pre.mean, pre.std)[0].cpu()
+    image = denormalize(x, pre.mean, pre.std).cpu()
     rgb = figure_rgb(explanation_figure(image, panels, title=title, labels=labels))
     figure = job.out / item.output
     _write_atomic(figure, lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
