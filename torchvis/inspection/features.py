@@ -113,11 +113,13 @@ def log_feature_maps(
     channels: Sequence[int] | None = None,
     top_k: int | None = None,
     cmap: str | Colormap | None = None,
+    tile: int = 32,
 ) -> None:
-    """Write :func:`feature_grid` of :func:`feature_maps`: example ``b`` as a uint8 ``[1,3,H,W]`` image
-    tagged ``<tag>/<b>``, ``tag`` being ``features/<layer>`` by default (one picture per example:
-    ``add_images`` would tile a batch of grids into one picture, with no visible border between them)."""
+    """Write :func:`feature_grid` of :func:`feature_maps` (tiles of about ``tile`` pixels): example ``b``
+    as a uint8 ``[1,3,H,W]`` image tagged ``<tag>/<b>``, ``tag`` being ``features/<layer>`` by default
+    (one picture per example: ``add_images`` would tile a batch of grids into one picture, with no
+    visible border between them)."""
     name, _ = resolve_layer(model, layer)
     maps = feature_maps(model, x, name, channels=channels, top_k=top_k)
-    for b, image in enumerate(to_uint8(feature_grid(maps.float(), cmap=cmap))):
+    for b, image in enumerate(to_uint8(feature_grid(maps.float(), cmap=cmap, tile=tile))):
         writer.add_images(f"{tag or f'features/{name}'}/{b}", image[None], global_step=step)
