@@ -41,16 +41,17 @@ def test_demo_trains_logs_the_toolbox_and_saves(tmp_path, capsys):
     events = EventAccumulator(str(out), size_guidance={IMAGES: 0, SCALARS: 0, TENSORS: 0}).Reload()
     tags = events.Tags()
     attributions = {"torchvis/input", "torchvis/saliency", "torchvis/grad_cam", "torchvis/occlusion"}
-    toolbox = {"filters/conv1", "features/relu1/0", "features/relu2/0", "maximize/logits"}
+    insides = ("model/filters/conv1", "model/features/relu1/0", "model/features/relu2/0")
+    toolbox = {*insides, "model/maximized/logits"}
     assert attributions | toolbox <= set(tags["images"])
     assert "model/summary/text_summary" in tags["tensors"]
     assert tags["graph"]
     # 63 steps in one epoch: step 0 (untrained), 30 and 60, for the maps and the model's insides alike.
-    for tag in ("torchvis/saliency", "filters/conv1", "features/relu1/0", "features/relu2/0"):
+    for tag in ("torchvis/saliency", *insides):
         assert [e.step for e in events.Images(tag)] == [0, 30, 60], tag
-    filters = events.Images("filters/conv1")
+    filters = events.Images("model/filters/conv1")
     assert filters[0].encoded_image_string != filters[-1].encoded_image_string  # they change in training
-    assert [e.step for e in events.Images("maximize/logits")] == [63]
+    assert [e.step for e in events.Images("model/maximized/logits")] == [63]
     assert len(events.Scalars("train/loss")) == 63
     assert [e.step for e in events.Scalars("test/accuracy")] == [63]
     summary = events.Tensors("model/summary/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -68,7 +69,7 @@ def test_demo_trains_logs_the_toolbox_and_saves(tmp_path, capsys):
         np.testing.assert_allclose(tile, pixels[k].repeat(4, axis=0).repeat(4, axis=1), atol=1)
     for tag in ("torchvis/saliency", "torchvis/grad_cam", "torchvis/occlusion"):
         assert decode(events.Images(tag)[-1].encoded_image_string).shape == shown.shape, tag
-    maximized = decode(events.Images("maximize/logits")[0].encoded_image_string)
+    maximized = decode(events.Images("model/maximized/logits")[0].encoded_image_string)
     assert maximized.shape == shown.shape and maximized.std() > 20
 
     model = load_digits_model(out / "model.pt")

@@ -5,8 +5,11 @@ logs to one TensorBoard run what the tutorial it follows walks through: the mode
 and graph (graph tab) once; every ``--every`` optimizer steps the first-layer filters, the feature
 maps of one fixed probe digit, and the attribution maps of ten held-out probe digits (one per class,
 via :class:`torchvis.monitor.Monitor`); loss and accuracy scalars; at the end the inputs that
-maximise each of the ten logits. Also writes ``model.pt`` (a weights-only checkpoint that ``torchvis
-explain`` reads) and ``panel.png`` (each probe digit beside its final maps, labelled).
+maximise each of the ten logits. Tags: ``model/summary`` (text), ``model/filters/conv1``,
+``model/features/<layer>/0``, ``model/maximized/logits`` and ``torchvis/*`` (the maps), so that
+TensorBoard's images tab opens on two groups, the model's insides and the maps. Also writes
+``model.pt`` (a weights-only checkpoint that ``torchvis explain`` reads) and ``panel.png`` (each
+probe digit beside its final maps, labelled).
 """
 
 from __future__ import annotations
@@ -124,9 +127,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _log_insides(writer: SummaryWriter, model: torch.nn.Module, digit: torch.Tensor, step: int) -> None:
     """First-layer filters and the feature maps of ``digit`` [1,1,28,28], as they are at ``step``."""
-    log_filters(writer, model, "conv1", step=step)
+    log_filters(writer, model, "conv1", step=step, tag="model/filters/conv1")
     for layer in FEATURE_LAYERS:
-        log_feature_maps(writer, model, digit, layer, step=step, tag=f"features/{layer}", tile=48)
+        log_feature_maps(writer, model, digit, layer, step=step, tag=f"model/features/{layer}", tile=48)
 
 
 def _log_maximized(writer: SummaryWriter, model: torch.nn.Module, step: int, seed: int) -> None:
@@ -134,8 +137,8 @@ def _log_maximized(writer: SummaryWriter, model: torch.nn.Module, step: int, see
     x = maximize(model, [Logit(c) for c in range(len(CLASS_NAMES))], shape=(1, 28, 28),
                  steps=MAXIMIZE_STEPS, seed=seed, mean=MNIST_MEAN, std=MNIST_STD)
     tiles = image.enlarge(to_images(x, MNIST_MEAN, MNIST_STD))
-    picture = image.grid(tiles, nrow=image.grid_columns(tiles.shape[0]), pad_value=1.0)
-    writer.add_images("maximize/logits", image.to_uint8(picture)[None], step)
+    picture = image.grid(tiles, nrow=image.grid_columns(tiles.shape[0]), pad_value=0.5)
+    writer.add_images("model/maximized/logits", image.to_uint8(picture)[None], step)
 
 
 def _one_per_class(data: DigitsData) -> torch.Tensor:
