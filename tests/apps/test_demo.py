@@ -32,7 +32,7 @@ def decode(png: bytes) -> np.ndarray:
 def test_demo_trains_logs_the_toolbox_and_saves(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["demo", "--epochs", "1", "--every", "30", "--methods", "saliency,grad_cam,occlusion",
-                 "--out", str(out), "--no-progress"])
+                 "--maximize-steps", "16", "--out", str(out), "--no-progress"])
     assert code == 0
     captured = capsys.readouterr()
     assert "Warning" not in captured.err  # a newcomer's first run prints nothing alarming
@@ -87,6 +87,8 @@ def test_demo_rejects_bad_options(tmp_path):
         main(["demo", "--methods", "saliency,nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="at least 1"):
         main(["demo", "--every", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="at least 0"):
+        main(["demo", "--maximize-steps", "-1", "--out", str(tmp_path)])
 
 
 def test_demo_explains_grad_cam_at_a_rectified_map():

@@ -54,7 +54,6 @@ OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
 GRAD_CAM_LAYER = "relu2"
 FEATURE_LAYERS = ("relu1", "relu2")  # what the next layer sees, as the tutorial shows them
 FEATURE_DIGIT = 3  # the class of the probe digit whose feature maps are logged
-MAXIMIZE_STEPS = 128
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +68,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--layer", default=GRAD_CAM_LAYER,
         help=f"layer for Grad-CAM, a rectified feature map (default: {GRAD_CAM_LAYER})",
     )
+    parser.add_argument("--maximize-steps", type=int, default=128,
+                        help="optimisation steps for the inputs that maximise each logit (default: 128)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<time>)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and order")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"torchvis demo: unknown method(s) {unknown}; known: {', '.join(METHODS)}")
     if args.epochs < 1 or args.every < 1:
         raise SystemExit("torchvis demo: --epochs and --every must be at least 1")
+    if args.maximize_steps < 0:
+        raise SystemExit("torchvis demo: --maximize-steps must be at least 0")
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         train_digits(model, data, epochs=args.epochs, seed=args.seed, device=device, on_step=on_step,
                      progress=not args.no_progress)
         accuracy = evaluate(model, data.test_x, data.test_y)
-        _log_maximized(writer, model, args.epochs * steps_per_epoch, args.seed)
+        _log_maximized(writer, model, args.epochs * steps_per_epoch, args.seed, args.maximize_steps)
 
     save_checkpoint(model, out / "model.pt")
     _save_panel(model, probe_x.to(device), probe_y, methods, args.layer, options, out / "panel.png")
@@ -132,10 +135,10 @@ def _log_insides(writer: SummaryWriter, model: torch.nn.Module, digit: torch.Ten
         log_feature_maps(writer, model, digit, layer, step=step, tag=f"model/features/{layer}", tile=48)
 
 
-def _log_maximized(writer: SummaryWriter, model: torch.nn.Module, step: int, seed: int) -> None:
+def _log_maximized(writer: SummaryWriter, model: torch.nn.Module, step: int, seed: int, steps: int) -> None:
     """The inputs that maximise each logit, one tile per class in class order (Erhan et al., 2009)."""
     x = maximize(model, [Logit(c) for c in range(len(CLASS_NAMES))], shape=(1, 28, 28),
-                 steps=MAXIMIZE_STEPS, seed=seed, mean=MNIST_MEAN, std=MNIST_STD)
+                 steps=steps, seed=seed, mean=MNIST_MEAN, std=MNIST_STD)
     tiles = image.enlarge(to_images(x, MNIST_MEAN, MNIST_STD))
     picture = image.grid(tiles, nrow=image.grid_columns(tiles.shape[0]), pad_value=0.5)
     writer.add_images("model/maximized/logits", image.to_uint8(picture)[None], step)
