@@ -136,10 +136,15 @@ def linear_probe() -> tuple[nn.Module, Tensor]:
     return model, x
 
 
-def tile(logged: Tensor, k: int, size: int = 4) -> np.ndarray:
-    """Tile ``k`` of a one-row grid, [size,size,3]."""
-    left = 2 + k * (size + 2)
-    return hwc(logged)[2 : 2 + size, left : left + size].astype(int)
+def tile(logged: Tensor, k: int, size: int = 4, factor: int = 24) -> np.ndarray:
+    """Tile ``k`` of a one-row grid of ``size`` px inputs shown ``factor`` times larger (4 px -> 96 px),
+    one value per input pixel, [size,size,3]; each input pixel must be a uniform square."""
+    big = size * factor
+    left = 2 + k * (big + 2)
+    block = hwc(logged)[2 : 2 + big, left : left + big].astype(int)
+    pixels = block[::factor, ::factor]
+    assert (block == pixels.repeat(factor, axis=0).repeat(factor, axis=1)).all()
+    return pixels
 
 
 def test_default_looks_have_closed_form_pixels(tmp_path: Path) -> None:
