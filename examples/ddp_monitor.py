@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         monitor = None
         if writer is not None:
             probe_x, probe_y = quadrant_images(8, seed=args.seed + 1000)
-            monitor = Monitor(ddp.module, writer, probe_x, probe_y, layer="conv2", every=args.every,
+            monitor = Monitor(ddp.module, writer, probe_x, probe_y, layer="relu2", every=args.every,
                               mean=MEAN, std=STD, class_names=["top left", "top right", "bottom left",
                                                                "bottom right"])
             monitor.step(0)  # the untrained model

@@ -64,7 +64,7 @@ def main() -> None:
     val = DataLoader(TensorDataset(data.test_x, data.test_y), batch_size=500)
     probe_x, probe_y = data.test_x[:16], data.test_y[:16]  # held out: never trained on
     callback = AttributionCallback(
-        probe_x, probe_y, methods=("saliency", "grad_cam", "guided_backprop"), layer="model.conv2",
+        probe_x, probe_y, methods=("saliency", "grad_cam", "guided_backprop"), layer="model.relu2",
         every_n_steps=args.every, on_validation=True, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES,
     )
     logger = TensorBoardLogger(str(args.logdir), name="digits")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,6 +159,21 @@ def test_load_digits_shapes_values_and_labels(digits: DigitsData) -> None:
         torch.testing.assert_close(pixels * 255, (pixels * 255).round(), atol=1e-3, rtol=0)
     # Shuffled: the first 50 test digits are not a run of one class.
     assert len(set(digits.test_y[:50].tolist())) == 10
+
+
+def test_load_digits_warns_nothing() -> None:
+    # A fresh install printed NumPy's "non-writable array" UserWarning; torch warns once per process,
+    # so warn_always makes the check independent of the tests that loaded the digits before.
+    always = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            data = load_digits(seed=0)
+    finally:
+        torch.set_warn_always(always)
+    data.train_x.add_(0)  # writable, own memory: the cached arrays stay read-only and intact
+    assert data.test_y.dtype == torch.int64
 
 
 def test_load_digits_leaves_global_rng_untouched(

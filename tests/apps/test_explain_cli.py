@@ -99,8 +99,8 @@ def layout(size: int, panels: int | None = None) -> tuple[tuple[int, ...], list[
     """The pixel shape and panel boxes of the command's figure for ``size x size`` inputs, with every
     registered method (or the first ``panels - 1``)."""
     methods = METHODS if panels is None else METHODS[: panels - 1]
-    fig = explanation_figure(torch.zeros(3, size, size), {m: torch.zeros(1, size, size) for m in methods},
-                             title="t")
+    maps = {m: torch.zeros(1, 1, size, size) for m in methods}
+    fig = explanation_figure(torch.zeros(1, 3, size, size), maps, title="t")
     return figure_rgb(fig).shape, panel_boxes(fig)
 
 
@@ -142,7 +142,7 @@ def test_photo_figure_shows_every_method(assets: dict[str, Path], tmp_path: Path
 
     figure = decode(out / "chelsea.png")
     shape, boxes = layout(64)
-    assert figure.shape == shape == (325, 1510, 3)
+    assert figure.shape == shape == (405, 1510, 3)
     image = denormalize(x, IMAGENET_MEAN, IMAGENET_STD)[0]
     expected = {
         "saliency": saliency(model, x),

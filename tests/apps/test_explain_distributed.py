@@ -97,7 +97,7 @@ def test_two_ranks_explain_every_file_exactly_once(digits: tuple[Path, Path], tm
         assert float(row["score"]) == pytest.approx(float(probs.max()), abs=1e-5)
         with Image.open(row["figure"]) as image:
             figure = np.asarray(image.convert("RGB"))
-        assert figure.shape == (325, 1510, 3) and figure.std() > 10
+        assert figure.shape == (405, 1510, 3) and figure.std() > 10
 
 
 def test_a_bad_file_on_one_rank_stops_every_rank(digits: tuple[Path, Path], tmp_path: Path) -> None:

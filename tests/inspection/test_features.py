@@ -69,7 +69,8 @@ def test_top_k_per_example_by_mean_activation() -> None:
 
 def test_grid_tiles_are_min_max_scaled_per_channel() -> None:
     maps = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]], [[7.0, 7.0], [7.0, 7.0]], [[-2.0, 0.0], [0.0, -1.0]]]])
-    image = feature_grid(maps, tile=4)  # 2x2 -> 4x4 blocks of 2; 3 tiles, nrow 2
+    assert feature_grid(maps, tile=4).shape == (1, 3, 1 + 5, 1 + 3 * 5)  # by default 3 tiles fill one row
+    image = feature_grid(maps, tile=4, nrow=2)  # 2x2 -> 4x4 blocks of 2; 3 tiles, nrow 2
     assert image.shape == (1, 3, 1 + 2 * 5, 1 + 2 * 5)
     expected = [torch.tensor([[0, 1 / 3], [2 / 3, 1]]), torch.zeros(2, 2), torch.tensor([[0, 1], [1, 0.5]])]
     for t, tile in enumerate(expected):

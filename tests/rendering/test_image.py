@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from torchvis.rendering.image import (
     colorize,
     denormalize,
+    display_factor,
+    enlarge,
     grid,
+    grid_columns,
     normalize,
     normalize_rgb,
     overlay,
@@ -367,6 +370,59 @@ def test_grid_single_row_when_batch_is_smaller_than_nrow() -> None:
         grid(torch.ones(2, 1, 2, 2), nrow=0)
     with pytest.raises(ValueError, match=r"denormalize\(\)"):
         grid(torch.full((2, 3, 2, 2), 2.0))
+
+
+def test_grid_pads_a_single_image_too() -> None:
+    # torchvision's make_grid returns a lone image without its border; grid keeps the contract.
+    tile = torch.full((1, 1, 2, 3), 0.25)
+    out = grid(tile, padding=2, pad_value=1.0)
+    assert out.shape == (3, 6, 7)
+    assert torch.equal(out[:, 2:4, 2:5], torch.full((3, 2, 3), 0.25))
+    assert out.sum() == 3 * (6 * 7 - 6) + 3 * 6 * 0.25
+
+
+@pytest.mark.parametrize(("count", "columns"), [
+    (1, 1), (2, 2), (3, 3), (4, 2), (6, 3), (7, 7), (8, 4), (9, 3), (10, 5), (11, 4), (12, 4), (13, 7),
+    (16, 4), (17, 6), (64, 8), (100, 10),
+])
+def test_grid_columns_fill_rows_evenly(count: int, columns: int) -> None:
+    assert grid_columns(count) == columns
+
+
+def test_grid_columns_leave_the_fewest_empty_cells() -> None:
+    for count in range(1, 150):
+        cols = grid_columns(count)
+        rows = math.ceil(count / cols)
+        empty = rows * cols - count
+        assert empty < cols  # never an empty row
+        widest = max(8, math.ceil(math.sqrt(count)))
+        assert cols <= widest
+        assert cols >= rows  # wider than tall
+        wide = [c for c in range(1, widest + 1) if c >= math.ceil(count / c)]
+        assert empty == min(math.ceil(count / c) * c - count for c in wide)
+    with pytest.raises(ValueError, match="at least one tile"):
+        grid_columns(0)
+
+
+def test_display_factor_reaches_a_legible_size() -> None:
+    assert [display_factor(s, s) for s in (1, 10, 12, 28, 32, 48, 64, 95, 96, 224)] == [
+        96, 10, 8, 4, 3, 2, 2, 2, 1, 1]
+    assert display_factor(28, 300) == 4  # the short side decides
+    assert display_factor(28, 28, legible=56) == 2
+    with pytest.raises(ValueError, match="positive"):
+        display_factor(0, 5)
+
+
+def test_enlarge_repeats_each_pixel_into_a_square() -> None:
+    x = torch.rand(2, 3, 28, 20, generator=gen(), dtype=torch.float64)
+    big = enlarge(x)
+    assert big.shape == (2, 3, 5 * 28, 5 * 20)  # short side 20 -> 5x = 100 px
+    rows, cols = torch.arange(5 * 28) // 5, torch.arange(5 * 20) // 5
+    assert torch.equal(big, x[:, :, rows[:, None], cols[None, :]])
+    large = torch.rand(1, 1, 96, 120, generator=gen())
+    assert enlarge(large) is large
+    with pytest.raises(ValueError, match="4-D"):
+        enlarge(torch.rand(28, 28))
 
 
 def test_panel_rows_are_examples_columns_are_input_then_maps() -> None:

@@ -85,7 +85,7 @@ def test_rank_zero_monitor_under_ddp(tmp_path: Path) -> None:
     # The last grid shows the final weights: recomputed here from rank 0's file, pixel for pixel.
     model.load_state_dict(rank0)
     probe_x, probe_y = ddp_monitor.quadrant_images(8, seed=1000)
-    expected = log_attributions(NullSink(), model, probe_x, labels=probe_y, step=6, layer="conv2",
+    expected = log_attributions(NullSink(), model, probe_x, labels=probe_y, step=6, layer="relu2",
                                 mean=ddp_monitor.MEAN, std=ddp_monitor.STD)
     for tag in maps:
         [event] = [e for e in acc.Images(tag) if e.step == 6]

@@ -159,8 +159,12 @@ def test_probe_is_a_copy(tmp_path: Path) -> None:
         probe_y.fill_(2)
         monitor.log(4)
     logged = np.asarray(Image.open(tmp_path / "torchvis-input" / "step_000004.png").convert("L"))
-    tiles = [logged[2:14, 2 + 14 * k : 14 + 14 * k] for k in range(8)]
-    np.testing.assert_allclose(np.stack(tiles), (pictures[:, 0] * 255).round().numpy(), atol=1)
+    # 8 tiles of 12 px enlarged 8x to 96 px, 4 per row (two even rows), 2 px of padding.
+    assert logged.shape == (2 * 98 + 2, 4 * 98 + 2)
+    corners = [(2 + 98 * (k // 4), 2 + 98 * (k % 4)) for k in range(8)]
+    tiles = [logged[top : top + 96, left : left + 96] for top, left in corners]
+    big = (pictures[:, 0] * 255).round().numpy().repeat(8, axis=1).repeat(8, axis=2)
+    np.testing.assert_allclose(np.stack(tiles), big, atol=1)
     text = (tmp_path / "torchvis-classes" / "step_000004.md").read_text(encoding="utf-8")
     rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ") and "#" not in line]
     labels = data()[1].tolist()

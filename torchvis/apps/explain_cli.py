@@ -377,7 +377,7 @@ def _explain_file(job: Job, item: ImageFile, writer: Any) -> dict[str, Any]:
     takes_window = any("window" in SPECS[m].options for m in methods)
     options: dict[str, Any] = {"window": job.window} if takes_window else {}
     maps = explain(model, x, target, methods=methods, layer=job.layer, **options) if methods else {}
-    panels: dict[str, Tensor | str] = {m: maps[m][0].cpu() if m in maps else TORCHSCRIPT_NOTE
+    panels: dict[str, Tensor | str] = {m: maps[m].cpu() if m in maps else TORCHSCRIPT_NOTE
                                        for m in job.methods}
     names = job.class_names
     title = f"pred: {names[predicted]} ({float(probs[predicted]):.3f})"
@@ -386,7 +386,7 @@ def _explain_file(job: Job, item: ImageFile, writer: Any) -> dict[str, Any]:
     labels = {"occlusion": f"occlusion ({job.window} px)"}
     if job.layer is not None:
         labels.update({m: f"{SPECS[m].title} ({job.layer})" for m in job.methods if SPECS[m].takes_layer})
-    image = denormalize(x, pre.mean, pre.std)[0].cpu()
+    image = denormalize(x, pre.mean, pre.std).cpu()
     rgb = figure_rgb(explanation_figure(image, panels, title=title, labels=labels))
     figure = job.out / item.output
     _write_atomic(figure, lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))

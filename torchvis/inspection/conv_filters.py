@@ -14,7 +14,6 @@ twice the weights sits twice as far from grey). Layouts (weights ``[out, in, kh,
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -23,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn.parameter import UninitializedParameter
 
 from torchvis.core.hooks import LayerRef, resolve_layer
-from torchvis.rendering.image import grid, to_uint8
+from torchvis.rendering.image import grid, grid_columns, to_uint8
 
 __all__ = [
     "MAX_TILES",
@@ -125,7 +124,8 @@ def filter_grid(
 ) -> Tensor:
     """The tiles of :func:`filters`, each enlarged to about ``tile`` pixels, in one grid. Returns [3,H,W].
 
-    Pairs layout: one row per filter, one column per input channel; otherwise a near-square grid.
+    Pairs layout: one row per filter, one column per input channel; otherwise
+    :func:`~torchvis.image.grid_columns` columns (32 filters: 8 x 4).
     Raises ``ValueError`` above ``MAX_TILES`` tiles.
     """
     tiles = filters(model, layer, in_channel=in_channel, out_channels=out_channels)
@@ -134,7 +134,7 @@ def filter_grid(
     if tiles.shape[0] > MAX_TILES:
         raise ValueError(f"{tiles.shape[0]} tiles is more than {MAX_TILES}; choose in_channel= or fewer "
                          "out_channels=")
-    nrow = conv.weight.shape[1] if pairs else math.ceil(math.sqrt(tiles.shape[0]))
+    nrow = conv.weight.shape[1] if pairs else grid_columns(tiles.shape[0])
     return grid(upscale(tiles, tile), nrow=nrow, padding=1, pad_value=1.0)
 
 

@@ -7,7 +7,6 @@ values from :func:`feature_maps` for that. A constant tile is black.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from torchvis.core.forward import check_input, guarded
 from torchvis.core.hooks import LayerRef, capture, forward_hooks, resolve_layer
 from torchvis.inspection.conv_filters import ImagesWriter, checked_indices, upscale
-from torchvis.rendering.image import colorize, grid, to_uint8
+from torchvis.rendering.image import colorize, grid, grid_columns, to_uint8
 
 __all__ = ["feature_grid", "feature_maps", "log_feature_maps", "top_channels"]
 
@@ -83,7 +82,8 @@ def feature_grid(
     """One grid per example of ``maps`` [B,K,h,w], a tile per channel. Returns [B,3,H',W'] in [0, 1].
 
     Tiles are min-max scaled on their own, enlarged (nearest) to about ``tile`` pixels and laid out
-    ``nrow`` per row (default: a near-square grid); grey, or through colour map ``cmap``.
+    ``nrow`` per row (default :func:`~torchvis.image.grid_columns`: rows as full as possible, 32
+    channels as 8 x 4); grey, or through colour map ``cmap``.
     """
     if maps.dim() != 4 or not maps.is_floating_point() or maps.numel() == 0:
         raise ValueError(f"maps must be a non-empty floating [B,K,h,w] tensor, got {maps.dtype} "
@@ -98,7 +98,7 @@ def feature_grid(
     if cmap is not None:
         tiles = colorize(tiles, cmap)
     tiles = upscale(tiles, tile).unflatten(0, (b, k))
-    per_row = nrow or math.ceil(math.sqrt(k))
+    per_row = nrow or grid_columns(k)
     return torch.stack([grid(t, nrow=per_row, padding=1, pad_value=1.0) for t in tiles])
 
 
@@ -113,11 +113,13 @@ def log_feature_maps(
     channels: Sequence[int] | None = None,
     top_k: int | None = None,
     cmap: str | Colormap | None = None,
+    tile: int = 32,
 ) -> None:
-    """Write :func:`feature_grid` of :func:`feature_maps`: example ``b`` as a uint8 ``[1,3,H,W]`` image
-    tagged ``<tag>/<b>``, ``tag`` being ``features/<layer>`` by default (one picture per example:
-    ``add_images`` would tile a batch of grids into one picture, with no visible border between them)."""
+    """Write :func:`feature_grid` of :func:`feature_maps` (tiles of about ``tile`` pixels): example ``b``
+    as a uint8 ``[1,3,H,W]`` image tagged ``<tag>/<b>``, ``tag`` being ``features/<layer>`` by default
+    (one picture per example: ``add_images`` would tile a batch of grids into one picture, with no
+    visible border between them)."""
     name, _ = resolve_layer(model, layer)
     maps = feature_maps(model, x, name, channels=channels, top_k=top_k)
-    for b, image in enumerate(to_uint8(feature_grid(maps.float(), cmap=cmap))):
+    for b, image in enumerate(to_uint8(feature_grid(maps.float(), cmap=cmap, tile=tile))):
         writer.add_images(f"{tag or f'features/{name}'}/{b}", image[None], global_step=step)

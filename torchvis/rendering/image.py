@@ -11,7 +11,10 @@ Pure tensor functions: no hooks, no model, no I/O. Results stay on the input's d
 - ``overlay(heat, image, *, alpha=0.5)``: blend ``[B,3,h,w]`` colours over ``[B,1|3,H,W]`` images.
 - ``denormalize(x, mean, std)``: undo ``(x - mean) / std`` per channel, clamped to [0, 1].
 - ``to_rgb(images)``: ``[B,1|3,H,W]`` -> ``[B,3,H,W]`` (grey is repeated).
-- ``grid(images, *, nrow=8, padding=2, pad_value=0.0)``: tile ``[B,1|3,H,W]`` -> ``[3,H',W']``.
+- ``grid(images, *, nrow=8, padding=2, pad_value=0.0)``: tile ``[B,1|3,H,W]`` -> ``[3,H',W']``;
+  ``grid_columns(count)`` picks ``nrow`` so the rows come out even (10 tiles: 5 + 5, not 8 + 2).
+- ``enlarge(images)``: repeat pixels (nearest neighbour) of images under :data:`LEGIBLE` (96) px on
+  the short side by a whole factor, for display (a 28 px digit becomes 112 px).
 - ``panel(inputs, maps, *, padding=2, pad_value=1.0)``: rows = examples, columns = input + maps.
 - ``render(attr, image=None, *, signed=False, cmap=None, alpha=0.5, percentile=99.5)``: the
   common case, ``normalize`` -> ``colorize`` -> ``overlay``, returning ``[B,3,H,W]``.
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.colors import Colormap
 from torch import Tensor
+from torchvision.utils import make_grid
 
 from torchvis.methods.spec import SPECS, Look
 
@@ -48,7 +52,10 @@ __all__ = [
     "render_map",
     "colorize",
     "denormalize",
+    "display_factor",
+    "enlarge",
     "grid",
+    "grid_columns",
     "normalize",
     "normalize_rgb",
     "overlay",
@@ -248,11 +255,11 @@ def to_uint8(picture: Tensor) -> Tensor:
 
 
 def grid(images: Tensor, *, nrow: int = 8, padding: int = 2, pad_value: float = 0.0) -> Tensor:
-    """Tile [B,1|3,H,W] images in [0, 1], ``nrow`` per row (as torchvision's make_grid).
+    """Tile [B,1|3,H,W] images in [0, 1], ``nrow`` per row (torchvision's ``make_grid``, checked).
 
     Returns [3, R * (H + padding) + padding, n * (W + padding) + padding] with R rows and
     n = min(nrow, B) columns; tile k starts at row ``padding + (k // n) * (H + padding)`` and
-    column ``padding + (k % n) * (W + padding)``.
+    column ``padding + (k % n) * (W + padding)``. Unlike ``make_grid``, one image is padded too.
     """
     _check_batch(images, "images", (1, 3))
     _check_range(images, "images", 0, "denormalize() inputs or colorize() maps first")
@@ -260,15 +267,50 @@ def grid(images: Tensor, *, nrow: int = 8, padding: int = 2, pad_value: float = 
         raise ValueError(f"need nrow >= 1, padding >= 0, pad_value in [0, 1]; "
                          f"got {nrow}, {padding}, {pad_value}")
     x = to_rgb(images)
-    b, _, h, w = x.shape
-    cols = min(nrow, b)
-    rows = math.ceil(b / cols)
-    out = x.new_full((3, rows * (h + padding) + padding, cols * (w + padding) + padding), pad_value)
-    for k in range(b):
-        top = padding + (k // cols) * (h + padding)
-        left = padding + (k % cols) * (w + padding)
-        out[:, top : top + h, left : left + w] = x[k]
-    return out
+    if x.shape[0] == 1:  # make_grid returns a lone image as it is, without its border
+        return F.pad(x[0], (padding,) * 4, value=pad_value)
+    return make_grid(x, nrow=nrow, padding=padding, pad_value=pad_value)
+
+
+def grid_columns(count: int, *, widest: int = 8) -> int:
+    """Columns for a grid of ``count`` tiles: at least as wide as tall, rows as full as possible.
+
+    Among 1..max(``widest``, ceil(sqrt(count))) columns, take a grid with no more rows than columns
+    (screens are wide), then the fewest empty cells in the last row, then the squarest: 10 tiles ->
+    5 (5 + 5, not 8 + 2), 12 -> 4 (4 x 3), 7 -> 7 (a prime: one full row), 11 -> 4 (4 + 4 + 3), 64 -> 8.
+    """
+    if count < 1:
+        raise ValueError(f"a grid needs at least one tile, got {count}")
+    most = max(widest, math.isqrt(count - 1) + 1)
+
+    def badness(cols: int) -> tuple[bool, int, int]:
+        rows = math.ceil(count / cols)
+        return cols < rows, rows * cols - count, abs(cols - rows)
+
+    return min(range(1, min(most, count) + 1), key=badness)
+
+
+LEGIBLE = 96
+"""Short side, in pixels, below which :func:`enlarge` repeats pixels for display."""
+
+
+def display_factor(height: int, width: int, *, legible: int = LEGIBLE) -> int:
+    """The whole factor that brings an image's short side to at least ``legible`` pixels (1 if it is
+    already there): 28 -> 4 (112 px), 32 -> 3 (96 px), 64 -> 2, 96 and up -> 1."""
+    short = min(height, width)
+    if short < 1 or legible < 1:
+        raise ValueError(f"need a positive image size and legible size, got {height}x{width}, {legible}")
+    return max(1, math.ceil(legible / short))
+
+
+def enlarge(images: Tensor, *, legible: int = LEGIBLE) -> Tensor:
+    """Repeat each pixel of ``[B,C,H,W]`` :func:`display_factor` times along both axes (nearest
+    neighbour, so a pixel stays a sharp square). Returns ``[B,C,f*H,f*W]``; as is when f is 1."""
+    _check_batch(images, "images")
+    factor = display_factor(*images.shape[-2:], legible=legible)
+    if factor == 1:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 def panel(inputs: Tensor, maps: Sequence[Tensor], *, padding: int = 2,

@@ -40,7 +40,7 @@ class Monitor:
     Example::
 
         writer = SummaryWriter("runs/digits")
-        with Monitor(model, writer, probe_x, probe_y, layer="conv2", every=100,
+        with Monitor(model, writer, probe_x, probe_y, layer="relu2", every=100,
                      mean=MNIST_MEAN, std=MNIST_STD) as monitor:
             for step, (x, y) in enumerate(batches):
                 ...  # forward, backward, optimizer step

@@ -6,8 +6,9 @@
 =============================  =====================================================================
 tag                            content
 =============================  =====================================================================
-``<prefix>/<method>``          one grid per method and step: the batch's maps, 8 per row, in batch
-                               order (``<prefix>/grad_cam/<layer>`` when several layers are asked)
+``<prefix>/<method>``          one grid per method and step: the batch's maps in batch order, row by
+                               row, ``grid_columns(B)`` per row (``<prefix>/grad_cam/<layer>`` when
+                               several layers are asked)
 ``<prefix>/input``             the batch as the model's inputs, shown denormalised with ``mean`` and
                                ``std``, in the same grid layout (only when ``log_inputs``)
 ``<prefix>/classes``           text: a markdown table of each tile's true class (given ``labels``),
@@ -17,9 +18,13 @@ tag                            content
 ``<prefix>/probe_accuracy``    scalar, when ``labels`` are given and the sink has ``add_scalar``
 =============================  =====================================================================
 
-Each map is drawn in the look of its method (:class:`torchvis.Look`, given when the method is
-registered; override with ``looks=``). Images go to the sink as uint8 ``[1,3,H,W]`` on the CPU: one
-device-to-host copy per grid, and no sink-side scaling to guess.
+The grid has :func:`torchvis.image.grid_columns` columns, so its rows are as full as they can be (10
+probes: two rows of 5, not 8 + 2). Inputs under :data:`torchvis.image.LEGIBLE` (96) pixels on the
+short side are enlarged for display by a whole factor, repeating pixels (:func:`torchvis.image.enlarge`:
+a 28 px digit becomes a 112 px tile). Each map is drawn in the look of its method
+(:class:`torchvis.Look`, given when the method is registered; override with ``looks=``). Images go
+to the sink as uint8 ``[1,3,H,W]`` on the CPU: one device-to-host copy per grid, and no sink-side
+scaling to guess.
 
 :class:`PNGWriter` is a sink for people who do not open TensorBoard: ``<folder>/<tag>/step_000100.png``
 with each ``/`` of the tag replaced by ``-``.
@@ -44,8 +49,6 @@ from torchvis.core.hooks import LayerRef, resolve_layer
 from torchvis.methods.combine import explain, unique_specs
 from torchvis.methods.spec import Look, MethodSpec
 from torchvis.rendering import image
-
-NROW = 8  # tiles per grid row, as TensorBoard's own add_images grid
 
 
 class Sink(Protocol):
@@ -111,7 +114,10 @@ def log_attributions(
     grids = {f"{prefix}/input": display} if log_inputs else {}
     for key, attr in maps.items():
         grids[f"{prefix}/{key}"] = image.render_map(attr.float(), display, image.look_of(key, looks))
-    logged = {tag: image.to_uint8(image.grid(tiles, nrow=NROW))[None] for tag, tiles in grids.items()}
+    # Small inputs are enlarged (whole factor, nearest neighbour) so that a 28 px digit is legible.
+    columns = image.grid_columns(x.shape[0])
+    logged = {tag: image.to_uint8(image.grid(image.enlarge(tiles), nrow=columns))[None]
+              for tag, tiles in grids.items()}
     for tag, grid in logged.items():
         writer.add_images(tag, grid, step)
 
@@ -142,7 +148,7 @@ def classes_text(
     labels: Sequence[int] | None,
     explained: Sequence[int] | None,
 ) -> str:
-    """A markdown table, one row per tile (batch order, :data:`NROW` tiles per grid row); ``p`` is the
+    """A markdown table, one row per tile (batch order, grids filled row by row); ``p`` is the
     softmax probability of the predicted class, and a wrong prediction is bold and marked ✗."""
     header = ["#"] + (["true"] if labels is not None else []) + ["predicted", "p"]
     header += ["explained"] if explained is not None else []
