@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from torchvis.apps.cli import main
 from torchvis.apps.digits import MNIST_MEAN, MNIST_STD, DigitsCNN, load_digits_model, save_checkpoint
+from torchvis.apps.explain_cli import DEFAULT_METHODS
 from torchvis.apps.loading import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -27,14 +28,13 @@ from torchvis.apps.loading import (
     load_state_dict,
     read_image,
 )
-from torchvis.methods import SPECS
 from torchvis.methods.cam import grad_cam, guided_grad_cam
 from torchvis.methods.gradient import guided_backprop, saliency
 from torchvis.methods.perturbation import occlusion
 from torchvis.rendering.figure import explanation_figure, figure_rgb, panel_boxes, render_map
 from torchvis.rendering.image import denormalize
 
-METHODS = list(SPECS)  # the CLI draws every registered method, in registration order
+METHODS = list(DEFAULT_METHODS)  # the panels the command draws by default, in order
 MNIST = Preprocess(28, (MNIST_MEAN,), (MNIST_STD,))
 
 

@@ -55,6 +55,9 @@ from torchvis.methods.spec import SPECS
 from torchvis.rendering.figure import explanation_figure, figure_rgb
 from torchvis.rendering.image import denormalize
 
+# The classic five, one panel each: cheap enough for a figure per image. Any registered method can be
+# asked for with --methods (SmoothGrad, integrated gradients and Score-CAM cost tens of passes each).
+DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "guided_grad_cam", "occlusion")
 TORCHSCRIPT_NOTE = "n/a for TorchScript"
 INDEX = "index.csv"
 INDEX_COLUMNS = ("file", "predicted", "class", "score", "target", "figure")
@@ -79,7 +82,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--weights", metavar="FILE", help="state dict for the architecture (read with weights_only=True)")
     add("--num-classes", type=int, metavar="N", help="outputs of the architecture (default 1000)")
     add("--methods", metavar="M[,M...]",
-        help="comma-separated methods, one panel each (default: every registered method, in order)")
+        help=f"comma-separated registered methods, one panel each (default: {','.join(DEFAULT_METHODS)})")
     add("--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="a Python file or module to import first, e.g. one that calls torchvis.register (repeatable)")
     add("--layer", metavar="NAME",
@@ -284,9 +287,9 @@ def _import_plugin(name: str) -> None:
 
 
 def _methods(text: str | None) -> tuple[str, ...]:
-    """The ``--methods`` list, each a registered name; every registered method when not given."""
+    """The ``--methods`` list, each a registered name; :data:`DEFAULT_METHODS` when not given."""
     if text is None:
-        return tuple(SPECS)
+        return DEFAULT_METHODS
     methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in SPECS]
     if unknown or not methods:

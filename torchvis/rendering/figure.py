@@ -7,8 +7,9 @@ colour bar saying what the colours mean. Pure functions from tensors to a matplo
 an RGB array; no pyplot (so no global figure registry and no GUI backend), no files. Each map is
 drawn as TensorBoard draws it (the method's registered :class:`torchvis.Look`): Grad-CAM as an
 "inferno" overlay on the input, occlusion as a signed "bwr" overlay, saliency as a signed "bwr" map,
-guided backprop and guided Grad-CAM as RGB gradient pictures (grey is zero; "bwr" for grey inputs). In every signed map
-red marks pixels whose content raises the explained class's score and blue those that lower it.
+guided backprop and guided Grad-CAM as RGB gradient pictures (grey is zero; "bwr" for grey inputs).
+In every signed map red marks pixels whose content raises the explained class's score and blue those
+that lower it.
 """
 
 from __future__ import annotations
