@@ -36,6 +36,8 @@ from torchvis.methods import (
     spec_of,
     unregister,
 )
+from torchvis.metrics.faithfulness import deletion, insertion
+from torchvis.metrics.sanity import SanityResult, sanity_check
 from torchvis.rendering import image
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import PNGWriter, log_attributions
@@ -54,8 +56,10 @@ __all__ = [
     "Monitor",
     "PNGWriter",
     "Recording",
+    "SanityResult",
     "Summary",
     "capture",
+    "deletion",
     "explain",
     "feature_grid",
     "feature_maps",
@@ -66,6 +70,7 @@ __all__ = [
     "guided_grad_cam",
     "hooks",
     "image",
+    "insertion",
     "log_attributions",
     "log_feature_maps",
     "log_filters",
@@ -77,6 +82,7 @@ __all__ = [
     "register",
     "resolve_layer",
     "saliency",
+    "sanity_check",
     "shared_passes",
     "spec_of",
     "summary",
