@@ -16,6 +16,7 @@ from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
 import torchvis
+from torchvis.metrics.sanity import randomize_
 from torchvis.metrics.similarity import average_ranks, minmax, spearman, ssim
 from torchvis.rendering.sanity_figure import sanity_figure
 
@@ -133,6 +134,24 @@ def test_cascading_randomisation_by_hand() -> None:
         assert (row.constant, row.examples) == (0, 4)
 
 
+def test_randomize_draws_weight_then_bias_from_the_generator() -> None:
+    conv, norm = nn.Conv2d(2, 3, 3).double(), nn.BatchNorm2d(3).double()
+    randomize_(nn.Sequential(conv, norm), lambda device: gen_5)
+    g = gen(5)
+    w, b = redrawn((3, 2, 3, 3), 2 * 3 * 3, g)
+    torch.testing.assert_close(conv.weight.detach(), w)
+    torch.testing.assert_close(conv.bias.detach(), b)
+    scale, shift = torch.empty(3, dtype=torch.float64), torch.empty(3, dtype=torch.float64)
+    nn.init.uniform_(scale, -1, 1, generator=g)
+    nn.init.uniform_(shift, -1, 1, generator=g)
+    torch.testing.assert_close(norm.weight.detach(), scale)
+    torch.testing.assert_close(norm.bias.detach(), shift)
+    assert torch.equal(norm.running_var, torch.ones(3, dtype=torch.float64))  # buffers kept
+
+
+gen_5 = gen(5)
+
+
 def test_layers_seed_and_layer_option() -> None:
     model = two_linear()
     x = torch.randn(2, 1, 4, 4, generator=gen(3), dtype=torch.float64)
@@ -164,6 +183,20 @@ def first_empty(model: nn.Module, x: Tensor, target: torchvis.core.forward.Targe
     return out
 
 
+class EmptyFirstTime:
+    """Saliency, but exactly zero on the first call: the original map is constant, later ones not."""
+
+    __name__ = "empty_first_time"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, model: nn.Module, x: Tensor, target: torchvis.core.forward.Target = None) -> Tensor:
+        self.calls += 1
+        out = torchvis.saliency(model, x, target)
+        return out * 0 if self.calls == 1 else out
+
+
 def all_empty(model: nn.Module, x: Tensor, target: torchvis.core.forward.Target = None) -> Tensor:
     return torch.zeros_like(x)
 
@@ -171,8 +204,8 @@ def all_empty(model: nn.Module, x: Tensor, target: torchvis.core.forward.Target 
 def test_constant_maps_are_counted_not_averaged() -> None:
     model = two_linear()
     x = torch.randn(3, 1, 4, 4, generator=gen(4), dtype=torch.float64)
-    result = torchvis.sanity_check(model, x, ["saliency", first_empty, all_empty])
-    assert result.methods == ("saliency", "first_empty", "all_empty")
+    result = torchvis.sanity_check(model, x, ["saliency", first_empty, all_empty, EmptyFirstTime()])
+    assert result.methods == ("saliency", "first_empty", "all_empty", "empty_first_time")
     for stage in result.stages:
         full, part = result.row("saliency", stage), result.row("first_empty", stage)
         assert (part.constant, part.examples) == (1, 3)
@@ -182,19 +215,20 @@ def test_constant_maps_are_counted_not_averaged() -> None:
         assert part.spearman_abs == pytest.approx(rest, abs=1e-12) and full.constant == 0
         empty = result.row("all_empty", stage)
         assert (empty.spearman_abs, empty.spearman, empty.ssim, empty.constant) == (None, None, None, 3)
+        assert result.row("empty_first_time", stage).constant == 3  # constant in the original only
     text = str(result)
     lines = text.splitlines()
     assert lines[0].split() == ["method", "randomised", "down", "to", "spearman", "|map|", "spearman", "SSIM",
                                 "constant"]
     assert set(lines[1]) == {"-", " "}
-    assert len(lines) == 2 + 3 * 2
+    assert len(lines) == 2 + 4 * 2
     empty_line = next(line for line in lines if line.startswith("all_empty"))
     assert empty_line.split() == ["all_empty", "2", "n/a", "n/a", "n/a", "3/3"]
     row = result.row("saliency", "2")
     sal_line = next(line for line in lines if line.startswith("saliency") and line.split()[1] == "2")
     assert sal_line.split()[2:5] == [f"{row.spearman_abs:+.3f}", f"{row.spearman:+.3f}", f"{row.ssim:+.3f}"]
     data = json.loads(json.dumps(result.to_dict()))
-    assert data["stages"] == ["2", "1"] and len(data["rows"]) == 6
+    assert data["stages"] == ["2", "1"] and len(data["rows"]) == 8
     assert data["rows"][0] == {"method": "saliency", "stage": "2", "spearman_abs": row.spearman_abs,
                                "spearman": row.spearman, "ssim": row.ssim, "constant": 0, "examples": 3}
     with pytest.raises(KeyError, match="no row"):
