@@ -51,7 +51,7 @@ def sanity_figure(
                     fontsize=11)
     axes = figure.subplots(rows, cols, squeeze=False)
     for r, method in enumerate(result.methods):
-        title = fig_module.TITLES.get(method.split("/")[0], method)
+        title = fig_module.title_of(method)
         for c, stage in enumerate(columns):
             attr = result.maps[method][c][example : example + 1].float()
             picture = im.render_map(attr, display, im.look_of(method))[0]
