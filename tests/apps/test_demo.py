@@ -33,6 +33,11 @@ def test_demo_trains_logs_and_saves(tmp_path, capsys):
     assert [e.step for e in events.Images("torchvis/saliency")] == [0, 30, 60]
     assert len(events.Scalars("train/loss")) == 63
     assert [e.step for e in events.Scalars("test/accuracy")] == [63]
+    # The faithfulness scores of every method, by default, at every logging step.
+    for metric in ("deletion", "insertion"):
+        for method in ("saliency", "grad_cam", "occlusion"):
+            values = events.Scalars(f"torchvis/{metric}/{method}")
+            assert [e.step for e in values] == [0, 30, 60] and all(0 <= e.value <= 1 for e in values)
 
     model = load_digits_model(out / "model.pt")
     assert sum(p.numel() for p in model.parameters()) == 1_199_882

