@@ -192,7 +192,8 @@ def test_lightning_callback_streams_the_scores(tmp_path: Path) -> None:
         warnings.simplefilter("ignore")
         trainer = pl.Trainer(devices=1, accelerator="cpu", max_steps=2, callbacks=[callback],
                              logger=TensorBoardLogger(str(tmp_path), name="", version=""),
-                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+                             enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
         trainer.fit(Module(), DataLoader(TensorDataset(x, y), batch_size=3))
     acc = read(tmp_path)
     for tag in ("torchvis/deletion/saliency", "torchvis/insertion/grad_cam"):
