@@ -292,7 +292,7 @@ def test_a_constant_map_warns() -> None:
     model = LinearTwoClass(W)
     x = torch.ones(3, 1, 2, 2, dtype=torch.float64)
     a = torch.cat([attr(W), torch.zeros(2, 1, 2, 2, dtype=torch.float64)])
-    with pytest.warns(UserWarning, match="constant for 2 of 3 examples"):
+    with pytest.warns(torchvis.methods.cam.EmptyMapWarning, match="constant for 2 of 3 examples"):
         torchvis.deletion(model, x, a)
 
 

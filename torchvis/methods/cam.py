@@ -45,7 +45,8 @@ def _check_feature_map(activation: Tensor) -> None:
 
 
 class EmptyMapWarning(UserWarning):
-    """A map that is exactly zero for some examples: it shows nothing, and ranks pixels by index."""
+    """A map that is exactly zero (or constant) for some examples: it shows nothing, and ranks pixels by
+    index in a deletion or insertion test."""
 
 
 def warn_if_empty(heat: Tensor, activation: Tensor, layer_name: str) -> None:

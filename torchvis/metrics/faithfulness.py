@@ -28,6 +28,7 @@ from torchvis.core.forward import (
     guarded,
     resolve_target,
 )
+from torchvis.methods.cam import EmptyMapWarning
 
 __all__ = ["Curves", "deletion", "importance", "insertion", "ranks", "steps"]
 
@@ -255,5 +256,6 @@ def _warn_constant(weights: Tensor) -> None:
         warnings.warn(
             f"the attribution map is constant for {constant} of {weights.shape[0]} examples: their pixels "
             "are removed in index order (row by row), so their score says nothing about the map",
+            EmptyMapWarning,
             stacklevel=3,
         )
