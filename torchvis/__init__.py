@@ -45,6 +45,8 @@ from torchvis.methods import (
     vargrad,
     xgrad_cam,
 )
+from torchvis.metrics.faithfulness import deletion, insertion
+from torchvis.metrics.sanity import SanityResult, sanity_check
 from torchvis.rendering import image
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import PNGWriter, log_attributions
@@ -63,8 +65,10 @@ __all__ = [
     "Monitor",
     "PNGWriter",
     "Recording",
+    "SanityResult",
     "Summary",
     "capture",
+    "deletion",
     "explain",
     "feature_grid",
     "feature_maps",
@@ -80,6 +84,7 @@ __all__ = [
     "image",
     "integrated_gradients",
     "layer_cam",
+    "insertion",
     "log_attributions",
     "log_feature_maps",
     "log_filters",
@@ -92,6 +97,7 @@ __all__ = [
     "resolve_layer",
     "saliency",
     "score_cam",
+    "sanity_check",
     "shared_passes",
     "smoothgrad",
     "spec_of",

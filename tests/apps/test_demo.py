@@ -74,6 +74,11 @@ def test_demo_trains_logs_the_toolbox_and_saves(tmp_path, capsys):
         assert decode(events.Images(tag)[-1].encoded_image_string).shape == shown.shape, tag
     maximized = decode(events.Images("model/maximized/logits")[0].encoded_image_string)
     assert maximized.shape == shown.shape and maximized.std() > 20
+    # The faithfulness scores of every method, by default, at every logging step.
+    for metric in ("deletion", "insertion"):
+        for method in ("saliency", "grad_cam", "occlusion"):
+            values = events.Scalars(f"torchvis/{metric}/{method}")
+            assert [e.step for e in values] == [0, 30, 60] and all(0 <= e.value <= 1 for e in values)
 
     model = load_digits_model(out / "model.pt")
     assert sum(p.numel() for p in model.parameters()) == 1_199_882

@@ -1,4 +1,4 @@
-"""The ``torchvis`` command: ``torchvis demo`` and ``torchvis explain``.
+"""The ``torchvis`` command: ``torchvis demo``, ``torchvis explain`` and ``torchvis sanity``.
 
 Each command lives in its own module, which provides ``configure(parser)`` to declare its options and
 ``run(args) -> int`` to do the work; this module only dispatches.
@@ -15,6 +15,7 @@ COMMANDS = {
     "demo": ("torchvis.apps.demo", "train the digits CNN with torchvis attached; stream maps to TensorBoard"),
     "explain": ("torchvis.apps.explain_cli", "explain image files with every method, one figure per image"),
     "audit": ("torchvis.apps.audit_cli", "explain a labelled image folder; report where each class looks"),
+    "sanity": ("torchvis.apps.sanity_cli", "check each method's maps against a randomised model"),
 }
 
 

@@ -9,7 +9,9 @@ maximise each of the ten logits. Tags: ``model/summary`` (text), ``model/filters
 ``model/features/<layer>/0``, ``model/maximized/logits`` and ``torchvis/*`` (the maps), so that
 TensorBoard's images tab opens on two groups, the model's insides and the maps. Also writes
 ``model.pt`` (a weights-only checkpoint that ``torchvis explain`` reads) and ``panel.png`` (each
-probe digit beside its final maps, labelled).
+probe digit beside its final maps, labelled). For every method it also logs the deletion and
+insertion scores on the probe (``torchvis/deletion/<method>``; ``--no-metrics`` skips them), one
+chart per metric in TensorBoard's Custom Scalars tab.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import input_display
 
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion")
+METRICS = ("deletion", "insertion")  # one scalar per method each, one chart per metric (Custom Scalars)
 OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
 # Grad-CAM wants a rectified map: at conv2 (before its ReLU) 25-54% of the held-out digits get an
 # all-zero map after the default training (seeds 0 and 1), at relu2 0.3-8%; pool scores about the same
@@ -71,6 +74,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--maximize-steps", type=int, default=128,
                         help="optimisation steps for the inputs that maximise each logit (default: 128)")
+    parser.add_argument("--no-metrics", action="store_true",
+                        help="skip the deletion/insertion scores of each method (logged by default)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<time>)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and order")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -100,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     probe_x, probe_y = data.test_x[probe], data.test_y[probe]
     with SummaryWriter(str(out)) as writer, Monitor(
         model, writer, probe_x, probe_y, methods=methods, layer=args.layer,
-        every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES, **options,
+        every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES,
+        metrics=() if args.no_metrics else METRICS, **options,
     ) as monitor:
         log_summary(writer, summary(model, (1, 28, 28)), tag="model/summary")
         log_graph(writer, model, probe_x[:1].to(device))

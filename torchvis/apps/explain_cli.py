@@ -74,6 +74,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  torchrun --nproc_per_node=4 -m torchvis explain photos/ --model resnet50 --weights w.pt\n"
         "\nTorchScript models get no guided backprop or Grad-CAM panels (no hooks reach inside them)."
     )
+    add_input_options(parser, out_default="explanations", out_help="the figures and index.csv")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="also log each figure to a TensorBoard run in DIR")
+
+
+def add_input_options(parser: argparse.ArgumentParser, *, out_default: str, out_help: str) -> None:
+    """The inputs, model, method and preprocessing options of ``torchvis explain``, which ``torchvis
+    sanity`` shares; :func:`prepare` checks them all."""
     add = parser.add_argument
     add("inputs", nargs="+", metavar="INPUT", help="image files, or folders searched recursively for images")
     add("--model", required=True, metavar="MODEL",
@@ -94,9 +102,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--mean", type=_floats, metavar="M[,M,M]", help="per-channel input mean (default: ImageNet's)")
     add("--std", type=_floats, metavar="S[,S,S]", help="per-channel input std (default: ImageNet's)")
     add("--classes", metavar="FILE", help="class names, one per line")
-    add("--out", default="explanations", metavar="DIR",
-        help="folder for the figures and index.csv (default: explanations)")
-    add("--tensorboard", metavar="DIR", help="also log each figure to a TensorBoard run in DIR")
+    add("--out", default=out_default, metavar="DIR",
+        help=f"folder for {out_help} (default: {out_default})")
     add("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     add("--no-progress", action="store_true", help="no progress bar")
 
@@ -218,6 +225,12 @@ def _report(messages: Sequence[str], world: World) -> None:
 # --- checking everything before writing anything ---------------------------------------------
 
 
+def prepare(args: argparse.Namespace, device: torch.device) -> Job:
+    """Check every option and input of one process (no ``torchrun``); ``InputError`` if one is bad.
+    Writes nothing."""
+    return _prepare(args, World(rank=0, size=1, local_rank=0), device)
+
+
 def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Job:
     for plugin in args.imports:
         _import_plugin(plugin)
@@ -225,7 +238,7 @@ def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Jo
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {args.out!r} exists and is not a folder")
-    if args.tensorboard is not None and Path(args.tensorboard).is_file():
+    if getattr(args, "tensorboard", None) is not None and Path(args.tensorboard).is_file():
         raise InputError(f"--tensorboard {args.tensorboard!r} is a file, not a folder")
     names_file = read_class_names(args.classes) if args.classes is not None else None
     loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device)

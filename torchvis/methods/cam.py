@@ -7,6 +7,9 @@ rectifies and upsamples it. Every variant at every layer reads the one shared fo
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -42,6 +45,40 @@ def check_feature_map(activation: Tensor, method: str = "Grad-CAM") -> None:
         )
 
 
+class EmptyMapWarning(UserWarning):
+    """A map that is exactly zero (or constant) for some examples: it shows nothing, and ranks pixels by
+    index in a deletion or insertion test."""
+
+
+def warn_if_empty(heat: Tensor, activation: Tensor, layer_name: str) -> None:
+    """Warn when the CAM ``heat`` ``[B,1,h,w]`` is exactly zero for some examples, saying for how many;
+    when the layer's ``activation`` has negative values, suggest the activation after the layer."""
+    empty = int((heat == 0).flatten(1).all(dim=1).sum())
+    if not empty:
+        return
+    hint = (
+        f"{layer_name!r} outputs negative values (a convolution before its activation?): the map at "
+        "the activation after it (its ReLU, or a pooling layer) is usually informative"
+        if bool((activation < 0).any())
+        else "the target's gradient at the layer weighs every location's channels to zero or less"
+    )
+    warnings.warn(
+        f"the CAM at {layer_name!r} is exactly zero for {empty} of {heat.shape[0]} examples, so it shows "
+        f"nothing for them; {hint}",
+        EmptyMapWarning,
+        stacklevel=_first_caller_outside_torchvis(),
+    )
+
+
+def _first_caller_outside_torchvis() -> int:
+    """The ``stacklevel`` (for a warning issued by our caller) of the first frame outside torchvis, so
+    a warning points at the user's line whether it came through ``grad_cam``, ``explain`` or a monitor."""
+    frame, level = sys._getframe(2), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("torchvis."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def upsample_to(heat: Tensor, x: Tensor) -> Tensor:
     """Bilinear (``align_corners=False``) resize of ``[B,1,h,w]`` to ``x``'s ``H, W``."""
     if heat.shape[-2:] == x.shape[-2:]:
@@ -56,16 +93,22 @@ def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: bool) -> Tensor
     return upsample_to(heat, x) if upsample else heat
 
 
-def cam_map(activation: Tensor, grad: Tensor, x: Tensor, *, relu: bool, upsample: bool) -> Tensor:
-    """:func:`cam` in ``x``'s dtype, at ``x``'s size if ``upsample``: ``[B,1,H,W]`` or ``[B,1,h,w]``."""
+def cam_map(
+    activation: Tensor, grad: Tensor, x: Tensor, *, relu: bool, upsample: bool, layer_name: str = "the layer"
+) -> Tensor:
+    """:func:`cam` in ``x``'s dtype, at ``x``'s size if ``upsample``: ``[B,1,H,W]`` or ``[B,1,h,w]``.
+    Warns (:class:`EmptyMapWarning`) when the map is exactly zero for some examples."""
     check_feature_map(activation)
-    return finish_cam(grad_cam_heat(activation, grad), x, relu=relu, upsample=upsample)
+    heat = grad_cam_heat(activation, grad)
+    warn_if_empty(heat.clamp_min(0) if relu else heat, activation, layer_name)
+    return finish_cam(heat, x, relu=relu, upsample=upsample)
 
 
 def grad_cam_from(shared: Shared, *, relu: bool = True, upsample: bool = True) -> Tensor:
     """:func:`grad_cam` from the shared plain pass at one layer."""
     assert shared.activation is not None and shared.grad is not None
-    return cam_map(shared.activation, shared.grad, shared.x, relu=relu, upsample=upsample)
+    return cam_map(shared.activation, shared.grad, shared.x, relu=relu, upsample=upsample,
+                   layer_name=shared.layer or "the layer")
 
 
 def guided_cam(guided_grad: Tensor, activation: Tensor, grad: Tensor, x: Tensor) -> Tensor:

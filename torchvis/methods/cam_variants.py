@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
 from torchvis.core.passes import Shared, shared_passes
-from torchvis.methods.cam import check_feature_map, finish_cam
+from torchvis.methods.cam import check_feature_map, finish_cam, warn_if_empty
 from torchvis.methods.spec import Look, Need, register
 
 Heat = Callable[[Tensor, Tensor], Tensor]
@@ -67,7 +67,9 @@ _TITLES: dict[Heat, str] = {
 def _variant_from(heat: Heat, shared: Shared, relu: bool, upsample: bool) -> Tensor:
     assert shared.activation is not None and shared.grad is not None
     check_feature_map(shared.activation, _TITLES[heat])
-    return finish_cam(heat(shared.activation, shared.grad), shared.x, relu=relu, upsample=upsample)
+    value = heat(shared.activation, shared.grad)
+    warn_if_empty(value.clamp_min(0) if relu else value, shared.activation, shared.layer or "the layer")
+    return finish_cam(value, shared.x, relu=relu, upsample=upsample)
 
 
 def _variant(

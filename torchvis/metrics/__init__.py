@@ -1,1 +1,1 @@
-"""Faithfulness and sanity scores of any method's maps (none yet)."""
+"""Faithfulness (deletion, insertion) and sanity (cascading randomisation) scores of any method's maps."""

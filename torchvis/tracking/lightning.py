@@ -29,6 +29,7 @@ from torchvis.core.forward import Target, check_input
 from torchvis.core.hooks import LayerRef
 from torchvis.methods.spec import Look
 from torchvis.tracking.monitor import Monitor
+from torchvis.tracking.scores import check_metric_options, check_metrics
 from torchvis.tracking.tensorboard import Labels, Methods, Stats, check_logging
 
 __all__ = ["AttributionCallback"]
@@ -53,7 +54,8 @@ class AttributionCallback(pl.Callback):
     are ordinary tensors). Only global rank zero computes, on the unwrapped ``pl_module``, whose
     forward must return ``[B, classes]`` logits; no collective is called. Training is unchanged bit
     for bit (see :class:`torchvis.monitor.Monitor`). A missing TensorBoard logger fails at ``setup``,
-    a bad probe, layer, method or option at the start of fit or validation, on every rank.
+    a bad probe, layer, method or option at the start of fit or validation, on every rank (an unknown
+    metric already here). ``metrics`` and ``metric_options`` as in :class:`~torchvis.monitor.Monitor`.
     """
 
     def __init__(
@@ -71,6 +73,8 @@ class AttributionCallback(pl.Callback):
         class_names: Sequence[str] | None = None,
         prefix: str = "torchvis",
         looks: Mapping[str, Look] | None = None,
+        metrics: Sequence[str] = (),
+        metric_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         if every_n_steps is not None and (
@@ -86,10 +90,12 @@ class AttributionCallback(pl.Callback):
         self.images = check_input(images).detach().clone()
         self.labels = labels.detach().clone() if isinstance(labels, Tensor) else labels
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
+        check_metric_options(metric_options or {})
         self.options = options
         self.kwargs: dict[str, Any] = dict(
             methods=tuple(methods), layer=layer, target=target, mean=mean, std=std,
-            class_names=class_names, prefix=prefix, looks=looks, **options,
+            class_names=class_names, prefix=prefix, looks=looks, metrics=check_metrics(metrics),
+            metric_options=dict(metric_options or {}), **options,
         )
         self.monitor: Monitor | None = None
         self.logged_steps: list[int] = []  # by the latest fit or validate, on this rank

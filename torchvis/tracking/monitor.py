@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
 from torchvis.methods.spec import Look
+from torchvis.tracking.scores import check_metric_options, check_metrics, scores_layout
 from torchvis.tracking.tensorboard import (
     Labels,
     Methods,
@@ -49,7 +50,11 @@ class Monitor:
     Tags and looks are those of :func:`torchvis.tensorboard.log_attributions`; the input grid is
     logged once, at the first logging step. ``labels`` (the true classes) are required: they are
     shown next to the predictions and give the ``probe_accuracy`` scalar. ``target`` chooses the
-    class explained (None: the predicted one; ``target=labels``: the true one). The probe is copied
+    class explained (None: the predicted one; ``target=labels``: the true one). ``metrics``, e.g.
+    ``("deletion", "insertion")``, add a scalar per metric and method at every logging step
+    (``<prefix>/deletion/grad_cam``: the mean AUC over the probe, 21 points per curve unless
+    ``metric_options`` say otherwise) and, once, a TensorBoard custom-scalars layout that draws each
+    metric's methods on one chart (the Custom Scalars tab). The probe is copied
     to the model's device now, and again if the model moves. Every argument is checked here, so a
     mistake fails at construction, not at step 5,000. Under DDP, build it on rank 0 only with
     ``ddp_model.module``. :meth:`close` (or leaving the ``with`` block, or normal interpreter exit)
@@ -72,6 +77,8 @@ class Monitor:
         class_names: Sequence[str] | None = None,
         prefix: str = "torchvis",
         looks: Mapping[str, Look] | None = None,
+        metrics: Sequence[str] = (),
+        metric_options: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -84,13 +91,17 @@ class Monitor:
                              "predictions); pass labels=[B] class indices")
         check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean, std=std,
                       class_names=class_names, options=options)
+        self.metrics = check_metrics(metrics)
+        check_metric_options(metric_options or {})
         check_sink(writer)
         check_writable(writer)
         self.model, self.writer, self.every = model, writer, every
         self._options: dict[str, Any] = dict(
             methods=tuple(methods), layer=layer, mean=mean, std=std, class_names=class_names,
-            prefix=prefix, looks=looks, **options,
+            prefix=prefix, looks=looks, metrics=self.metrics, metric_options=dict(metric_options or {}),
+            **options,
         )
+        self._prefix = prefix
         device = model_device(model) or images.device
         # Copies, so later in-place changes to the user's tensors cannot reach the probe.
         self.images = images.detach().to(device, copy=True)
@@ -121,6 +132,9 @@ class Monitor:
                 self.target = self.target.to(device)
         log_attributions(self.writer, self.model, self.images, self.target, step=step, labels=self.labels,
                          log_inputs=not self.logged_steps, **self._options)
+        add_layout = getattr(self.writer, "add_custom_scalars", None)
+        if self.metrics and not self.logged_steps and callable(add_layout):
+            add_layout(scores_layout(self._prefix, self.metrics))  # once: the charts of every method
         self.logged_steps.append(step)
 
     def close(self) -> None:

@@ -16,6 +16,8 @@ tag                            content
                                explained when ``target`` is given (TensorBoard lists the tag as
                                ``<prefix>/classes/text_summary``)
 ``<prefix>/probe_accuracy``    scalar, when ``labels`` are given and the sink has ``add_scalar``
+``<prefix>/<metric>/<method>`` scalar per ``metrics`` entry and map: the mean deletion or insertion
+                               AUC over the batch (:mod:`torchvis.tracking.scores`)
 =============================  =====================================================================
 
 The grid has :func:`torchvis.image.grid_columns` columns, so its rows are as full as they can be (10
@@ -49,6 +51,7 @@ from torchvis.core.hooks import LayerRef, resolve_layer
 from torchvis.methods.combine import explain, unique_specs
 from torchvis.methods.spec import Look, MethodSpec
 from torchvis.rendering import image
+from torchvis.tracking.scores import check_metric_options, check_metrics, log_scores
 
 
 class Sink(Protocol):
@@ -82,6 +85,8 @@ def log_attributions(
     prefix: str = "torchvis",
     log_inputs: bool = True,
     looks: Mapping[str, Look] | None = None,
+    metrics: Sequence[str] = (),
+    metric_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
     """Explain ``images`` [B,C,H,W] with each method and log the grids; returns ``{tag: uint8 [1,3,H',W']}``.
@@ -90,8 +95,13 @@ def log_attributions(
     display (without them the inputs must lie in [0, 1]). ``target`` as in every method (None: the
     predicted class). ``labels`` [B] are the true classes, shown in the text. Inputs, labels and a
     tensor target are moved to the model's device. One extra no-grad forward pass finds the
-    predictions; the maps then explain exactly the classes the text shows.
+    predictions; the maps then explain exactly the classes the text shows. ``metrics`` (names of
+    :data:`torchvis.tracking.scores.METRICS`) add one scalar per metric and map,
+    ``<prefix>/<metric>/<method>``: the mean over the batch (see :func:`~torchvis.tracking.scores.log_scores`,
+    which takes ``metric_options``).
     """
+    check_metrics(metrics)
+    check_metric_options(metric_options or {})
     check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean, std=std,
                   class_names=class_names, options=options)
     check_sink(writer)
@@ -130,6 +140,9 @@ def log_attributions(
     add_scalar = getattr(writer, "add_scalar", None)
     if y is not None and callable(add_scalar):
         add_scalar(f"{prefix}/probe_accuracy", (predicted == y).float().mean().item(), step)
+    if metrics:
+        log_scores(writer, model, x, maps, explained, metrics=metrics, step=step, prefix=prefix,
+                   **(metric_options or {}))
     return logged
 
 
