@@ -93,8 +93,9 @@ def gradient_pass(
             warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=3)
         t = resolve_target(target, logits)
         wanted = ([xi] if input_grad else []) + list(outputs.values())
-        grads = iter(torch.autograd.grad(class_score(logits, t), wanted) if wanted else ())
-        check_finite(logits)
+        computed = torch.autograd.grad(class_score(logits, t), wanted) if wanted else ()
+        check_finite(logits, *computed)
+        grads = iter(computed)
     return GradientPass(
         logits=logits.detach(),
         target=t,
