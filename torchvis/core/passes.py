@@ -93,7 +93,7 @@ def gradient_pass(
             warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=3)
         t = resolve_target(target, logits)
         wanted = ([xi] if input_grad else []) + list(outputs.values())
-        computed = torch.autograd.grad(class_score(logits, t), wanted) if wanted else ()
+        computed = _grad(class_score(logits, t), wanted) if wanted else ()
         check_finite(logits, *computed)
         grads = iter(computed)
     return GradientPass(
@@ -104,6 +104,20 @@ def gradient_pass(
         grads={name: next(grads) for name in outputs},
         layer_names=tuple(chosen.name if name is None else name for name in requested),
     )
+
+
+def _grad(score: Tensor, wanted: list[Tensor]) -> tuple[Tensor, ...]:
+    try:
+        return torch.autograd.grad(score, wanted)
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise RuntimeError(
+            "a tensor the backward pass needs was changed in place during the attribution: by the model "
+            "itself, or by another thread (an optimizer step on the weights?). Training and explaining "
+            "the same model concurrently is not supported: explain a copy, or use "
+            "Monitor(..., background=True)"
+        ) from err
 
 
 def _single_call_output(rec: hooks.Recording, name: str) -> Tensor:
