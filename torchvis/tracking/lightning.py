@@ -54,6 +54,8 @@ class AttributionCallback(pl.Callback):
     forward must return ``[B, classes]`` logits; no collective is called. Training is unchanged bit
     for bit (see :class:`torchvis.monitor.Monitor`). A missing TensorBoard logger fails at ``setup``,
     a bad probe, layer, method or option at the start of fit or validation, on every rank.
+    ``background=True`` computes and writes the maps in a worker thread on a snapshot of the weights
+    (see :class:`torchvis.monitor.Monitor`); ``teardown`` waits for the queued steps.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class AttributionCallback(pl.Callback):
         class_names: Sequence[str] | None = None,
         prefix: str = "torchvis",
         looks: Mapping[str, Look] | None = None,
+        background: bool = False,
         **options: Any,
     ) -> None:
         if every_n_steps is not None and (
@@ -91,6 +94,7 @@ class AttributionCallback(pl.Callback):
             methods=tuple(methods), layer=layer, target=target, mean=mean, std=std,
             class_names=class_names, prefix=prefix, looks=looks, **options,
         )
+        self.background = background
         self.monitor: Monitor | None = None
         self.logged_steps: list[int] = []  # by the latest fit or validate, on this rank
         self._started = False
@@ -143,7 +147,8 @@ class AttributionCallback(pl.Callback):
             # inference tensor when the monitor copies it.
             with torch.inference_mode(False):
                 self.monitor = Monitor(pl_module, writer, self.images, self.labels,
-                                       every=self.every_n_steps or 1, **self.kwargs)
+                                       every=self.every_n_steps or 1, background=self.background,
+                                       **self.kwargs)
 
     def _log_if_due(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
