@@ -55,7 +55,7 @@ def x_of(batch: int = 2, dtype: torch.dtype = torch.float32) -> Tensor:
 def test_a_logit_that_overflows_to_inf_is_an_error(name: str) -> None:
     model, x = small(Scaled(1e39)), x_of()  # float32: every non-zero logit becomes +-inf
     assert torch.isinf(model(x)).any() and not torch.isnan(model(x)).any()
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="the model output contains NaN or inf"):
         call(name, model, x)
 
 
@@ -70,7 +70,7 @@ class InverseOfSmallest(nn.Module):
 
 def test_occlusion_refuses_an_occluded_score_that_is_inf() -> None:
     x = x_of().abs() + 0.5
-    with pytest.raises(ValueError, match="NaN or inf"):
+    with pytest.raises(ValueError, match="the target scores of some occluded images hold NaN or inf"):
         METHODS["occlusion"](InverseOfSmallest(), x, 0, window=2)
     # The same call with a baseline that keeps every value non-zero is fine.
     assert torch.isfinite(METHODS["occlusion"](InverseOfSmallest(), x, 0, window=2, baseline=1.0)).all()

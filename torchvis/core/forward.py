@@ -101,10 +101,10 @@ def checked_logits(out: object, batch: int) -> Tensor:
     )
 
 
-def check_finite(logits: Tensor, *more: Tensor) -> None:
-    """Raise if the model output (or any of ``more``, e.g. the gradients) holds NaN or inf — one
-    host sync; call it after queuing the backward. An inf logit (a float32 overflow, say) would give
-    NaN maps."""
+def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of the target score") -> None:
+    """Raise if the model output, or any of ``more`` (``what`` they are), holds NaN or inf — one
+    host sync each; call it after queuing the backward. An inf logit (a float32 overflow, say) would
+    give NaN maps."""
     if not bool(torch.isfinite(logits).all()):
         raise ValueError(
             "the model output contains NaN or inf (an overflow in the logits?); no attribution can be "
@@ -112,8 +112,7 @@ def check_finite(logits: Tensor, *more: Tensor) -> None:
         )
     if more and not bool(torch.stack([torch.isfinite(t).all() for t in more]).all()):
         raise ValueError(
-            "the gradients of the target score hold NaN or inf (an overflow in the backward pass?); "
-            "the maps would be NaN — try float64 inputs and model"
+            f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
         )
 
 
