@@ -96,8 +96,8 @@ def measure_training(
             background=True,
         )
         try:
-            results.append(_background_result(background, train_step, device, repeats, warmup, budget, cpu_clock,
-                                              batch))
+            results.append(_background_result(
+                background, train_step, device, repeats, warmup, budget, cpu_clock, batch))
         finally:
             background.close()
     return results
@@ -136,5 +136,5 @@ def _background_result(
         snapshots.append(time_once(lambda: monitor.step(0), device, cpu_clock=cpu_clock))
         jobs.join()
     call_us = sorted(snapshots)[len(snapshots) // 2] * 1e6
-    return TrainingResult("train step + Monitor.step, logging, background", Timing(tuple(measured), tuple(floors)),
-                          batch, call_us)
+    name = "train step + Monitor.step, logging, background"
+    return TrainingResult(name, Timing(tuple(measured), tuple(floors)), batch, call_us)

@@ -156,7 +156,7 @@ def test_concurrent_train_mode_calls_give_the_sequential_results() -> None:
     for _ in range(10):
         barrier = threading.Barrier(THREADS)
 
-        def work(x: Tensor) -> Callable[[], Tensor]:
+        def work(x: Tensor, barrier: threading.Barrier = barrier) -> Callable[[], Tensor]:
             def call() -> Tensor:
                 barrier.wait(timeout=TIMEOUT)
                 return saliency(model, x, eval_mode=False)
@@ -192,7 +192,9 @@ def test_hooks_do_not_act_on_another_threads_forward() -> None:
         assert isinstance(got_out, Tensor) and torch.equal(got_out, expected_out)
 
 
-def train_steps(model: nn.Module, steps: int, before_step: Callable[[int], None] | None = None) -> list[Tensor]:
+def train_steps(
+    model: nn.Module, steps: int, before_step: Callable[[int], None] | None = None
+) -> list[Tensor]:
     """Seeded SGD steps (dropout draws from a private RNG so that other threads cannot move it);
     returns the parameters after each completed step; stops at the first error, which it raises."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -222,19 +224,19 @@ def test_training_while_explaining_is_refused_never_silent() -> None:
     expected = saliency(model, x)
     for _ in range(10):
         inside, tried = threading.Event(), threading.Event()
-        rendezvous.pause = lambda: (inside.set(), tried.wait(timeout=TIMEOUT))  # noqa: B023
+        rendezvous.pause = lambda inside=inside, tried=tried: (inside.set(), tried.wait(timeout=TIMEOUT))
         before = state(model)
 
         def explaining() -> Tensor:
             rendezvous.arm()
             return saliency(model, x)
 
-        def training() -> Any:
+        def training(inside: threading.Event = inside, tried: threading.Event = tried) -> Any:
             inside.wait(timeout=TIMEOUT)
             try:
                 return train_steps(model, 1)
             finally:
-                tried.set()  # noqa: B023
+                tried.set()
 
         got, trained = run_threads([explaining, training])
         assert isinstance(got, Tensor) and torch.equal(got, expected)
@@ -252,11 +254,9 @@ def test_free_running_training_thread_is_identical_or_refused() -> None:
     reference = build()
     alone = train_steps(reference, 30)
     for _ in range(3):
-        model = build()
-        stop = threading.Event()
-        x = inputs(1)[0]
+        model, stop, x = build(), threading.Event(), inputs(1)[0]
 
-        def explaining() -> int:
+        def explaining(model: nn.Module = model, stop: threading.Event = stop, x: Tensor = x) -> int:
             calls = 0
             while not stop.is_set():
                 try:
@@ -267,7 +267,7 @@ def test_free_running_training_thread_is_identical_or_refused() -> None:
                 time.sleep(0.002)  # leave the training thread gaps to run in
             return calls
 
-        def training() -> Any:
+        def training(model: nn.Module = model, stop: threading.Event = stop) -> Any:
             try:
                 return train_steps(model, 30)
             finally:

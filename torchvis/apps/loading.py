@@ -414,7 +414,7 @@ def read_image(path: str | os.PathLike[str], preprocess: Preprocess) -> Tensor:
         grey = np.asarray(image, dtype=np.float32)[:, :, None]
         values = np.repeat(grey, preprocess.channels, axis=2)
     else:
-        values = np.asarray(image, dtype=np.float32) / 255
+        values = np.asarray(image, dtype=np.float32) / np.float32(255)
     pixels = torch.from_numpy(np.ascontiguousarray(values)).reshape(size, size, -1)
     mean = torch.tensor(preprocess.mean).view(-1, 1, 1)
     std = torch.tensor(preprocess.std).view(-1, 1, 1)

@@ -103,29 +103,31 @@ def checked_logits(out: object, batch: int) -> Tensor:
 
 def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of the target score") -> None:
     """Raise if the model output, or any of ``more`` (``what`` they are), holds NaN or inf — one
-    host sync each; call it after queuing the backward. An inf logit (a float32 overflow, say) would
-    give NaN maps."""
-    if not bool(torch.isfinite(logits).all()):
+    host sync; call it after queuing the backward. An inf logit (a float32 overflow, say) would give
+    NaN maps."""
+    finite = torch.stack([torch.isfinite(t).all() for t in (logits, *more)])
+    if bool(finite.all()):
+        return
+    if not bool(finite[0]):
         raise ValueError(
             "the model output contains NaN or inf (an overflow in the logits?); no attribution can be "
             "computed from it"
         )
-    if more and not bool(torch.stack([torch.isfinite(t).all() for t in more]).all()):
-        raise ValueError(
-            f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
-        )
+    raise ValueError(
+        f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
+    )
 
 
 def as_target(target: object) -> Target:
     """``target`` with NumPy integers and 0-d integer arrays or tensors turned into ``int`` and a NumPy
     array into a tensor; anything else is returned as it is (checked by :func:`resolve_target`)."""
     if isinstance(target, bool) or target is None or isinstance(target, int):
-        return target  # type: ignore[return-value]
+        return target
     if isinstance(target, numbers.Integral):  # np.int64, np.uint8, ...
         return int(target)
     if type(target).__module__ == "numpy" and hasattr(target, "dtype"):
-        if target.dtype.kind not in "iu":  # type: ignore[attr-defined]
-            raise TypeError(f"target must hold integer class indices, not numpy {target.dtype}")  # type: ignore[attr-defined]
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"target must hold integer class indices, not numpy {target.dtype}")
         target = torch.as_tensor(target)
     if isinstance(target, Tensor) and target.dim() == 0:
         if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:

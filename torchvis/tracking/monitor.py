@@ -63,8 +63,8 @@ class Monitor:
     class explained (None: the predicted one; ``target=labels``: the true one). The probe is copied
     to the model's device now, and again if the model moves or changes dtype. With ``background=True``
     the maps are computed off the training thread (see the module docstring), which costs a shadow
-    copy of the model and ``queue_size`` snapshots of its weights in memory. Every argument is checked here, so a
-    mistake fails at construction, not at step 5,000. Under DDP, build it on rank 0 only with
+    copy of the model and ``queue_size`` snapshots of its weights in memory. Every argument is checked
+    here, so a mistake fails at construction, not at step 5,000. Under DDP, build it on rank 0 only with
     ``ddp_model.module``. :meth:`close` (or leaving the ``with`` block, or normal interpreter exit)
     flushes the writer; it does not close it, since the writer is yours.
     """
@@ -271,7 +271,8 @@ class _Background:
         """Raise the first error of the worker not raised yet."""
         if self.errors:
             step, err = self.errors.pop(0)
-            raise RuntimeError(f"background logging of step {step} failed: {type(err).__name__}: {err}") from err
+            message = f"background logging of step {step} failed: {type(err).__name__}: {err}"
+            raise RuntimeError(message) from err
 
     def stop(self) -> None:
         """Wait for every queued step, then end the worker."""
