@@ -313,3 +313,17 @@ def test_nested_call_with_another_eval_mode_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="same eval_mode"):
         saliency(model, inputs(1)[0])
     assert not torch.nn.modules.module._global_forward_pre_hooks
+
+
+def test_a_lease_goes_with_its_model() -> None:
+    import gc
+
+    from torchvis.core import lease
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    saliency(model, inputs(1)[0])
+    key = id(model)
+    assert key in lease._LEASES
+    del model
+    gc.collect()
+    assert key not in lease._LEASES

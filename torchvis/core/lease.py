@@ -55,15 +55,19 @@ class _Lease:
 
 
 # The one piece of global state besides the method registry: leases must be shared between threads.
-_LEASES: weakref.WeakKeyDictionary[nn.Module, _Lease] = weakref.WeakKeyDictionary()
+# Keyed by id, with no reference to the model: an entry goes when its model does.
+_LEASES: dict[int, _Lease] = {}
 _REGISTRY = threading.Lock()
 
 
 def _lease_of(model: nn.Module) -> _Lease:
-    lease = _LEASES.get(model)
+    lease = _LEASES.get(id(model))
     if lease is None:
         with _REGISTRY:
-            lease = _LEASES.setdefault(model, _Lease())
+            lease = _LEASES.get(id(model))
+            if lease is None:
+                lease = _LEASES[id(model)] = _Lease()
+                weakref.finalize(model, _LEASES.pop, id(model), None)
     return lease
 
 
