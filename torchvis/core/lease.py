@@ -51,6 +51,7 @@ class _Lease:
     exclusive: bool = False
     holders: Counter[int] = field(default_factory=Counter)  # thread id -> calls it has open
     modes: list[tuple[nn.Module, bool, bool]] = field(default_factory=list)  # module, before, inside
+    training_inside: bool = False  # some module runs in train mode inside the window
     watch: RemovableHandle | None = None
 
 
@@ -81,7 +82,7 @@ def held(model: nn.Module, *, eval_mode: bool) -> Iterator[bool]:
     lease, me = _lease_of(model), threading.get_ident()
     with lease.cond:
         _enter(lease, model, eval_mode, me)
-        training_inside = any(inside for _, _, inside in lease.modes)
+        training_inside = lease.training_inside
     try:
         yield training_inside
     finally:
@@ -114,17 +115,27 @@ def _enter(lease: _Lease, model: nn.Module, eval_mode: bool, me: int) -> None:
 def _open(lease: _Lease, model: nn.Module, eval_mode: bool) -> None:
     before = [(module, module.training) for module in model.modules()]
     training = any(flag for _, flag in before)
-    # Skipped when every module is already in eval mode: setting a module attribute costs
-    # microseconds, which add up per call on large models and small inputs.
-    if eval_mode and training:
-        model.eval()
-    lease.modes = [(module, flag, module.training) for module, flag in before]
     lease.eval_mode = eval_mode
     lease.exclusive = not eval_mode and training
-    if lease.exclusive or any(flag != inside for _, flag, inside in lease.modes):
-        ids = frozenset(id(module) for module, _ in before)
-        holders = lease.holders
-        lease.watch = hooks.refuse_forwards(ids, lambda: threading.get_ident() in holders, REFUSED)
+    lease.training_inside = training
+    # Skipped when every module is already in eval mode: setting a module attribute costs
+    # microseconds, which add up per call on large models and small inputs.
+    if not (eval_mode and training):
+        lease.modes = [(module, flag, flag) for module, flag in before]
+        if lease.exclusive:
+            _watch(lease, before)
+        return
+    model.eval()
+    lease.modes = [(module, flag, module.training) for module, flag in before]
+    lease.training_inside = any(inside for _, _, inside in lease.modes)  # a custom train() may keep some
+    _watch(lease, before)
+
+
+def _watch(lease: _Lease, before: list[tuple[nn.Module, bool]]) -> None:
+    """Refuse forwards of the model's modules by threads that hold no call of the window."""
+    ids = frozenset(id(module) for module, _ in before)
+    holders = lease.holders
+    lease.watch = hooks.refuse_forwards(ids, lambda: threading.get_ident() in holders, REFUSED)
 
 
 def _leave(lease: _Lease, me: int) -> str:
@@ -141,6 +152,7 @@ def _leave(lease: _Lease, me: int) -> str:
         if lease.watch is not None:
             lease.watch.remove()
         lease.eval_mode, lease.exclusive, lease.modes, lease.watch = None, False, [], None
+        lease.training_inside = False
         lease.cond.notify_all()
     if not changed:
         return ""
