@@ -92,7 +92,7 @@ def forward_hooks(
 
 def _in_thread(owner: int, hook: Callable[..., Any]) -> Callable[..., Any]:
     def only_in_owner(*args: Any) -> Any:
-        return hook(*args)
+        return hook(*args) if threading.get_ident() == owner else None
 
     return only_in_owner
 
