@@ -1,5 +1,10 @@
 """What the training-loop monitor costs: a digits training step without torchvis, with
-:class:`torchvis.monitor.Monitor` on a non-logging step, and on a logging step.
+:class:`torchvis.monitor.Monitor` on a non-logging step, on a logging step, and on a logging step in
+background mode (``background=True``: the training thread only snapshots the weights).
+
+The background variant is timed in its own interleaved loop: after each timed logging step the
+worker is waited for, untimed, so that every pair starts with an idle worker and the figure is what
+the training thread waits for. Its ``call_us`` is the snapshot (``Monitor.step`` alone, worker idle).
 
 Each variant is timed interleaved with the plain step (see :mod:`benchmarks.timing`). The model,
 optimizer and data are those of a real step (DigitsCNN, Adam, cross-entropy, a batch of 64); the
@@ -12,11 +17,12 @@ import tempfile
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import Timing, paired
+from benchmarks.timing import Timing, paired, time_once
 
 
 @dataclass(frozen=True)
@@ -85,4 +91,50 @@ def measure_training(
                 call_us = min(timeit.repeat(lambda: monitor.step(1), number=calls, repeat=3)) / calls * 1e6
             results.append(TrainingResult(name, timing, batch, call_us))
         monitor.close()
+        background = Monitor(
+            model, writer, x[:probe], y[:probe], layer="conv2", every=1000, mean=MNIST_MEAN, std=MNIST_STD,
+            background=True,
+        )
+        try:
+            results.append(_background_result(
+                background, train_step, device, repeats, warmup, budget, cpu_clock, batch))
+        finally:
+            background.close()
     return results
+
+
+def _background_result(
+    monitor: Any, train_step: Callable[[], None], device: torch.device, repeats: int, warmup: int,
+    budget: float, cpu_clock: bool, batch: int,
+) -> TrainingResult:
+    """A training step plus a logging ``Monitor.step`` in background mode against the plain step,
+    interleaved; the worker is drained, untimed, after each logging step."""
+    import time
+
+    jobs = monitor._background.jobs
+
+    def logging_step() -> None:
+        train_step()
+        monitor.step(0)
+
+    for _ in range(warmup):
+        logging_step()
+        jobs.join()
+        train_step()
+    measured: list[float] = []
+    floors: list[float] = []
+    began = time.perf_counter()
+    for index in range(repeats):
+        pair = [(measured, logging_step), (floors, train_step)]
+        for into, run in pair if index % 2 == 0 else pair[::-1]:
+            into.append(time_once(run, device, cpu_clock=cpu_clock))
+            jobs.join()
+        if index + 1 >= 3 and time.perf_counter() - began > budget:
+            break
+    snapshots = []
+    for _ in range(20):
+        snapshots.append(time_once(lambda: monitor.step(0), device, cpu_clock=cpu_clock))
+        jobs.join()
+    call_us = sorted(snapshots)[len(snapshots) // 2] * 1e6
+    name = "train step + Monitor.step, logging, background"
+    return TrainingResult(name, Timing(tuple(measured), tuple(floors)), batch, call_us)

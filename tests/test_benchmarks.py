@@ -166,6 +166,9 @@ def test_smoke_run_on_digits_without_peers(tmp_path: Path, no_peers: None) -> No
     monitor = rows["train step + Monitor.step, not logging"]
     assert monitor.ratio and monitor.call_us is not None and monitor.call_us > 0
     assert "train step + Monitor.step, logging" in rows
+    background = rows["train step + Monitor.step, logging, background"]
+    assert background.ratio and background.call_us is not None
+    assert background.note.startswith("the weight snapshot")
     table = format_table(list(rows.values()))
     assert "## digits 28² batch 2 on cpu" in table and "## digits training 28² batch 64 on cpu" in table
     assert any(line.startswith("digits 28² b2 saliency: ") for line in written["targets"])

@@ -378,3 +378,93 @@ def test_cuda_explains_as_the_cpu_does(assets: dict[str, Path], tmp_path: Path) 
         _, boxes = layout(28)
         on_cpu, on_cuda = (sample(decode(Path(row["figure"])), boxes[0], 28) for row in (cpu, cuda))
         np.testing.assert_array_equal(on_cpu, on_cuda)  # the same input panel
+
+
+def test_unwritable_outputs_and_every_bad_input_are_reported_at_once(
+    assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Root ignores permission bits, so an unwritable folder is simulated where the command probes it.
+    import tempfile
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = tempfile.TemporaryFile
+
+    def probe(*args: object, dir: object = None, **kwargs: object) -> object:  # noqa: A002
+        if dir is not None and Path(str(dir)) == locked:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", probe)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (inputs / name).write_text("not an image")
+    (inputs / "good.png").write_bytes((assets["digits"] / "0-label0.png").read_bytes())
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    code = explain_cli(inputs, tmp_path / "nowhere.png", "--model", assets["digits.pt"],
+                       "--out", locked / "figures", "--tensorboard", a_file / "runs")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert all(line.startswith("torchvis explain: error: ") for line in lines)
+    for expected in (f"--out {str(locked / 'figures')!r} (its nearest existing folder "
+                     f"{str(locked)!r}) is not writable: Permission denied",
+                     f"--tensorboard {str(a_file / 'runs')!r} is inside",
+                     "nowhere.png' not found"):
+        assert any(expected in line for line in lines), (expected, err)
+    code = explain_cli(inputs, "--model", assets["digits.pt"], "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert [line.split("/")[-1] for line in err.strip().splitlines()] == [
+        "a.png' is not an image file PIL can read", "b.png' is not an image file PIL can read",
+        "c.png' is not an image file PIL can read"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "inputs", "locked"]  # nothing written
+    assert list(locked.iterdir()) == []
+
+
+def png16(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit PNG (grey [H,W] or RGB [H,W,3]) written by hand: PIL cannot write 16-bit RGB."""
+    import struct
+    import zlib
+
+    height, width = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    g = np.random.default_rng(0)
+    grey = g.integers(0, 4096, size=(28, 28)).astype(np.uint16)  # 12-bit data in a 16-bit PNG
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    x = read_image(tmp_path / "grey16.png", MNIST)
+    expected = (torch.from_numpy(grey.astype(np.float32)) / 65535 - MNIST_MEAN) / MNIST_STD
+    torch.testing.assert_close(x[0, 0], expected, rtol=0, atol=1e-5)
+    rgb_model = read_image(tmp_path / "grey16.png", Preprocess(28, IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    grey_pictures = (expected * MNIST_STD + MNIST_MEAN).expand(3, -1, -1)
+    torch.testing.assert_close(rgb_model[0] * std + mean, grey_pictures, rtol=0, atol=1e-5)
+    # 16-bit RGB: PIL keeps the high byte of each value — the range is kept, never clipped.
+    colour = g.integers(0, 65536, size=(28, 28, 3)).astype(np.uint16)
+    png16(tmp_path / "rgb16.png", colour)
+    x = read_image(tmp_path / "rgb16.png", Preprocess(28, IMAGENET_MEAN, IMAGENET_STD))
+    shown = x[0] * std + mean
+    high_bytes = torch.from_numpy((colour >> 8).astype(np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(shown, high_bytes, rtol=0, atol=1e-5)
+    # Float TIFF: taken as it is in [0, 1]; outside it, refused.
+    values = g.random((28, 28)).astype(np.float32)
+    Image.fromarray(values).save(tmp_path / "float.tif")
+    torch.testing.assert_close(read_image(tmp_path / "float.tif", MNIST)[0, 0] * MNIST_STD + MNIST_MEAN,
+                               torch.from_numpy(values), rtol=0, atol=1e-5)
+    Image.fromarray(values * 3).save(tmp_path / "bright.tif")
+    with pytest.raises(InputError, match=r"float image '.*bright.tif' holds values in \[.*\], outside"):
+        read_image(tmp_path / "bright.tif", MNIST)

@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import options_for
@@ -107,8 +108,8 @@ def test_target_out_of_range(name: str, target: Any, match: str, model: nn.Modul
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-@pytest.mark.parametrize("target", [[0, 1, 2], [3], torch.tensor([[0, 1]]), torch.tensor(1)],
-                         ids=["list-3", "list-1", "tensor-2d", "tensor-0d"])
+@pytest.mark.parametrize("target", [[0, 1, 2], [3], torch.tensor([[0, 1]]), np.array([1, 2, 0])],
+                         ids=["list-3", "list-1", "tensor-2d", "numpy-3"])
 def test_target_of_wrong_length(name: str, target: Any, model: nn.Module, x: Tensor) -> None:
     with pytest.raises(ValueError, match=r"one class per example \(2\)"):
         call(name, model, x, target)
@@ -117,8 +118,10 @@ def test_target_of_wrong_length(name: str, target: Any, model: nn.Module, x: Ten
 @pytest.mark.parametrize("name", list(METHODS))
 @pytest.mark.parametrize(
     "target",
-    [1.0, 1.5, [1.0, 2.0], torch.tensor([1.0, 2.0]), True, [True, False], torch.tensor([True, False]), "1"],
-    ids=["float-1.0", "float-1.5", "float-list", "float-tensor", "bool", "bool-list", "bool-tensor", "str"],
+    [1.0, 1.5, [1.0, 2.0], torch.tensor([1.0, 2.0]), True, [True, False], torch.tensor([True, False]), "1",
+     torch.tensor(1.0), torch.tensor(True), np.float64(1.0), np.array(1.0), np.array([0.0, 1.0])],
+    ids=["float-1.0", "float-1.5", "float-list", "float-tensor", "bool", "bool-list", "bool-tensor", "str",
+         "float-0d-tensor", "bool-0d-tensor", "numpy-float", "numpy-0d-float", "numpy-float-array"],
 )
 def test_target_of_wrong_type(name: str, target: Any, model: nn.Module, x: Tensor) -> None:
     with pytest.raises(TypeError, match="target must"):

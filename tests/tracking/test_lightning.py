@@ -145,10 +145,14 @@ class Snapshot(pl.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_logs_each_optimizer_step_once_and_leaves_training_unchanged(tmp_path: Path, accumulate: int) -> None:
+@pytest.mark.parametrize(("accumulate", "background"), [(1, False), (2, False), (1, True)],
+                         ids=["accumulate-1", "accumulate-2", "background"])
+def test_logs_each_optimizer_step_once_and_leaves_training_unchanged(
+    tmp_path: Path, accumulate: int, background: bool
+) -> None:
     plain, plain_rng = fit(tmp_path / "plain", [], accumulate_grad_batches=accumulate)
-    before, after, attributions = Snapshot(), Snapshot(), callback(every_n_steps=2)
+    before, after = Snapshot(), Snapshot()
+    attributions = callback(every_n_steps=2, background=background)
     watched, watched_rng = fit(tmp_path / "watched", [before, attributions, after],
                                accumulate_grad_batches=accumulate)
 

@@ -142,7 +142,8 @@ def test_nothing_runs_between_logging_steps(tmp_path: Path) -> None:
         assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
         assert module.training
     kept = [name for name, value in vars(monitor).items() if isinstance(value, Tensor)]
-    assert sorted(kept) == ["images", "labels"]
+    assert sorted(kept) == ["_probe", "images", "labels"]
+    assert monitor.images is monitor._probe  # one copy of the probe while the dtype matches
     assert all(p.grad is None for p in model.parameters())
     monitor.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -270,3 +271,130 @@ def test_probe_follows_the_model_to_the_gpu(tmp_path: Path) -> None:
         on_gpu = np.asarray(Image.open(tmp_path / tag / "step_000001.png"), dtype=int)
         on_cpu = np.asarray(Image.open(tmp_path / "cpu" / tag / "step_000001.png"), dtype=int)
         assert np.abs(on_gpu - on_cpu).max() <= 2, tag
+
+
+# --- background logging, dtype changes ----------------------------------------------------------
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_background_logging_trains_bit_identically_and_logs_the_same_maps(tmp_path: Path) -> None:
+    probe_x, probe_y = data()
+    monitors: dict[str, Monitor] = {}
+
+    def logger(kind: str) -> Callable[[int, nn.Module], None]:
+        def log_every_step(step: int, model: nn.Module) -> None:
+            if kind not in monitors:
+                monitors[kind] = Monitor(
+                    model, PNGWriter(tmp_path / kind), probe_x, probe_y, every=1, layer="conv2",
+                    methods=("saliency", "grad_cam", "occlusion"), mean=MEAN, std=STD, window=4,
+                    background=kind == "background", queue_size=2)
+            assert monitors[kind].step(step)
+        return log_every_step
+
+    plain, plain_rng = train(6)
+    foreground, _ = train(6, logger("foreground"))
+    background, background_rng = train(6, logger("background"))
+    for monitor in monitors.values():
+        monitor.close()
+    for (name, a), (_, b) in zip(plain.state_dict().items(), background.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(plain_rng, background_rng)
+    # The snapshot is the weights of its step exactly: the same bytes as logging in the foreground.
+    logged = pngs(tmp_path / "background")
+    assert len(logged) == 1 + 6 * 3 and logged == pngs(tmp_path / "foreground")
+
+
+class Sink(PNGWriter):
+    """A PNGWriter that raises at one step, or waits for ``gate`` before writing images."""
+
+    def __init__(self, folder: Path, fail_at: int | None = None) -> None:
+        super().__init__(folder)
+        self.fail_at, self.gate = fail_at, None
+        self.gate_open = __import__("threading").Event()
+        self.gate_open.set()
+
+    def add_images(self, tag: str, img_tensor: object, global_step: int | None = None, **kw: object) -> None:
+        self.gate_open.wait(timeout=60)
+        if global_step == self.fail_at:
+            raise OSError("disk full")
+        super().add_images(tag, img_tensor, global_step)
+
+
+def test_background_error_surfaces_at_the_next_step_and_at_close(tmp_path: Path) -> None:
+    model = DropoutCNN()
+    sink = Sink(tmp_path, fail_at=2)
+    monitor = Monitor(model, sink, *data(), layer="conv2", every=2, mean=MEAN, std=STD, background=True)
+    assert monitor.step(0) and monitor.step(2)
+    monitor._background.jobs.join()  # type: ignore[union-attr]
+    with pytest.raises(RuntimeError, match="background logging of step 2 failed: OSError: disk full"):
+        monitor.step(3)  # a non-logging step reports it too
+    assert monitor.step(4)
+    # An error still pending at close is raised there, after the queue drained.
+    monitor2 = Monitor(model, Sink(tmp_path / "b", fail_at=0), *data(), layer="conv2", mean=MEAN, std=STD,
+                       background=True)
+    monitor2.log(0)
+    with pytest.raises(RuntimeError, match="step 0 failed"):
+        monitor2.close()
+    monitor.close()
+    assert (tmp_path / "torchvis-saliency" / "step_000004.png").exists()
+
+
+def test_background_queue_is_bounded_and_blocks_rather_than_drops(tmp_path: Path) -> None:
+    import threading
+
+    model = DropoutCNN()
+    sink = Sink(tmp_path)
+    sink.gate_open.clear()  # the worker is stuck writing step 0
+    monitor = Monitor(model, sink, *data(), layer="conv2", methods=("saliency",), mean=MEAN, std=STD,
+                      every=1, background=True, queue_size=1)
+    monitor.step(0)  # taken by the worker, which gives its slot back once it loaded the weights
+    jobs = monitor._background.jobs  # type: ignore[union-attr]
+    while jobs.unfinished_tasks and not jobs.empty():
+        pass  # until the worker took step 0
+    monitor.step(1)  # queued, in the only slot
+    third = threading.Thread(target=monitor.step, args=(2,))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive(), "a full queue must block the training thread, not drop the step"
+    sink.gate_open.set()
+    third.join(timeout=60)
+    monitor.close()
+    assert sorted(p.name for p in (tmp_path / "torchvis-saliency").iterdir()) == [
+        "step_000000.png", "step_000001.png", "step_000002.png"]
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["foreground", "background"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_monitor_follows_a_dtype_change(tmp_path: Path, dtype: torch.dtype, background: bool) -> None:
+    model = DropoutCNN()
+    with PNGWriter(tmp_path) as sink:
+        monitor = Monitor(model, sink, *data(), layer="conv2", every=1, mean=MEAN, std=STD,
+                          background=background)
+        monitor.step(0)
+        model.to(dtype)
+        monitor.step(1)
+        model.float()
+        monitor.step(2)
+        monitor.close()
+    for step in range(3):
+        assert (tmp_path / "torchvis-grad_cam" / f"step_{step:06d}.png").exists()
+    assert monitor.images.dtype == torch.float32
+    if dtype == torch.float64:  # exact round trip of the weights; the float32 probe was kept
+        first, last = (tmp_path / "torchvis-saliency" / f"step_{s:06d}.png" for s in (0, 2))
+        assert first.read_bytes() == last.read_bytes()
+
+
+def test_numpy_targets_and_labels(tmp_path: Path) -> None:
+    probe_x, probe_y = data()
+    with PNGWriter(tmp_path) as sink:
+        for target in (np.int64(1), np.array(1), torch.tensor(1), probe_y.numpy()):
+            Monitor(DropoutCNN(), sink, probe_x, probe_y.numpy(), layer="conv2", mean=MEAN, std=STD,
+                    target=target).log(0)
+        from torchvis.tracking.tensorboard import log_attributions
+
+        logged = log_attributions(sink, DropoutCNN(), probe_x, np.int64(2), step=1, labels=probe_y.numpy(),
+                                  layer="conv2", mean=MEAN, std=STD)
+    assert "torchvis/grad_cam" in logged

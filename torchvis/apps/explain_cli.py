@@ -19,11 +19,13 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import importlib
 import importlib.util
 import io
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -218,8 +220,9 @@ def _gather(obj: Any, world: World) -> list[Any]:
 
 def _report(messages: Sequence[str], world: World) -> None:
     if world.rank == 0:
-        for message in dict.fromkeys(messages):  # every rank reports the same bad model once
-            print(f"torchvis explain: error: {message}", file=sys.stderr)
+        lines = [line for message in messages for line in message.splitlines()]
+        for line in dict.fromkeys(lines):  # every rank reports the same bad model once
+            print(f"torchvis explain: error: {line}", file=sys.stderr)
 
 
 # --- checking everything before writing anything ---------------------------------------------
@@ -232,31 +235,33 @@ def prepare(args: argparse.Namespace, device: torch.device) -> Job:
 
 
 def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Job:
-    for plugin in args.imports:
-        _import_plugin(plugin)
-    methods = _methods(args.methods)
+    """Check everything; every problem found is reported at once (one :class:`InputError`, a line
+    each), except those that need a model when the model itself could not be loaded."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {args.out!r} exists and is not a folder")
-    if getattr(args, "tensorboard", None) is not None and Path(args.tensorboard).is_file():
-        raise InputError(f"--tensorboard {args.tensorboard!r} is a file, not a folder")
-    names_file = read_class_names(args.classes) if args.classes is not None else None
-    loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device)
-    preprocess = _preprocess(loaded, args)
-    if loaded.kind is ModelKind.TORCHSCRIPT and args.layer is not None:
-        raise InputError("--layer needs module hooks, which TorchScript models do not support")
+    problems: list[str] = []
 
-    if any(Path(p).is_dir() and Path(p).resolve() == out.resolve() for p in args.inputs):
-        raise InputError(f"--out {args.out!r} is also an input folder; choose another output folder")
-    files = find_images(args.inputs, exclude=out)
-    inputs = {f.path.resolve() for f in files}
-    for target_path in [out / f.output for f in files] + [out / INDEX]:
-        if target_path.resolve() in inputs:
-            raise InputError(f"writing {target_path} would overwrite an input; choose another --out")
-    mine = files[world.rank :: world.size]
-    for f in mine:
-        open_image(f.path, preprocess.channels)
+    def attempt(check: Callable[[], Any]) -> Any:
+        try:
+            return check()
+        except InputError as err:
+            problems.append(str(err))
+            return None
 
+    for plugin in args.imports:
+        attempt(functools.partial(_import_plugin, plugin))
+    methods = attempt(lambda: _methods(args.methods))
+    attempt(lambda: check_output_folder(out, "--out"))
+    if getattr(args, "tensorboard", None) is not None:
+        attempt(lambda: check_output_folder(Path(args.tensorboard), "--tensorboard"))
+    names_file = attempt(lambda: read_class_names(args.classes)) if args.classes is not None else None
+    loaded = attempt(lambda: load_model(args.model, weights=args.weights, num_classes=args.num_classes,
+                                        device=device))
+    preprocess = attempt(lambda: _preprocess(loaded, args)) if loaded is not None else None
+    if loaded is not None and loaded.kind is ModelKind.TORCHSCRIPT and args.layer is not None:
+        problems.append("--layer needs module hooks, which TorchScript models do not support")
+    mine = attempt(lambda: _check_inputs(args.inputs, out, world, preprocess))
+    if problems or loaded is None or preprocess is None or mine is None or methods is None:
+        raise InputError("\n".join(problems))
     probe = torch.zeros(1, preprocess.channels, preprocess.size, preprocess.size, device=device)
     try:
         classes = _logits(loaded.model, probe).shape[1]
@@ -308,6 +313,50 @@ def _methods(text: str | None) -> tuple[str, ...]:
     if unknown or not methods:
         raise InputError(f"--methods: unknown method(s) {unknown}; known: {', '.join(SPECS)}")
     return methods
+
+
+def _check_inputs(
+    inputs: Sequence[str], out: Path, world: World, preprocess: Preprocess | None
+) -> list[ImageFile]:
+    """This rank's input files, every one decoded (with ``preprocess``'s channels, when known); all
+    unreadable files are listed in one error."""
+    if any(Path(p).is_dir() and Path(p).resolve() == out.resolve() for p in inputs):
+        raise InputError(f"--out {str(out)!r} is also an input folder; choose another output folder")
+    files = find_images(inputs, exclude=out)
+    paths = {f.path.resolve() for f in files}
+    for target_path in [out / f.output for f in files] + [out / INDEX]:
+        if target_path.resolve() in paths:
+            raise InputError(f"writing {target_path} would overwrite an input; choose another --out")
+    mine = files[world.rank :: world.size]
+    bad = []
+    for f in mine:
+        try:
+            open_image(f.path, preprocess.channels if preprocess is not None else 3)
+        except InputError as err:
+            bad.append(str(err))
+    if bad:
+        raise InputError("\n".join(bad))
+    return mine
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """Raise :class:`InputError` unless ``folder`` is, or can be created as, a folder we can write
+    into: the folder (or its nearest existing ancestor) must take a temporary file, written and
+    removed at once. Creates nothing that stays."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "exists and is not a folder" if existing == folder else f"is inside {str(existing)!r}, a file"
+        raise InputError(f"{flag} {str(folder)!r} {what}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        where = "" if existing == folder else f" (its nearest existing folder {str(existing)!r})"
+        raise InputError(
+            f"{flag} {str(folder)!r}{where} is not writable: {err.strerror or err}"
+        ) from err
 
 
 def _preprocess(loaded: LoadedModel, args: argparse.Namespace) -> Preprocess:

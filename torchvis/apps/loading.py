@@ -303,6 +303,7 @@ def find_images(inputs: Sequence[str | os.PathLike[str]], *, exclude: Path | Non
     """
     found: list[tuple[Path, Path]] = []
     skip = exclude.resolve() if exclude is not None else None
+    missing = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -310,7 +311,9 @@ def find_images(inputs: Sequence[str | os.PathLike[str]], *, exclude: Path | Non
         elif path.exists():
             found.append((path, Path(path.name)))
         else:
-            raise InputError(f"input {os.fspath(item)!r} not found")
+            missing.append(f"input {os.fspath(item)!r} not found")
+    if missing:
+        raise InputError("\n".join(missing))
     if not found:
         raise InputError(
             f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(map(str, inputs))}"
@@ -345,12 +348,19 @@ def _walk(folder: Path, skip: Path | None) -> list[Path]:
 
 
 def open_image(path: str | os.PathLike[str], channels: int) -> Image.Image:
-    """Decode the whole file (so a truncated one fails here) as grey (1) or RGB (3), upright per EXIF."""
+    """Decode the whole file (so a truncated one fails here) as grey (1) or RGB (3), upright per EXIF.
+
+    A high-bit-depth grey image (16-bit PNG or TIFF, 32-bit float TIFF) comes back as a float ("F")
+    image in [0, 1], scaled by the range of its format, for any ``channels``; values outside that
+    range are an :class:`InputError`. PIL itself reads 16-bit RGB PNGs as 8-bit RGB (their high bytes).
+    """
     where = repr(os.fspath(path))
     try:
         with Image.open(path) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
+            if upright.mode in _HIGH_DEPTH:
+                return _as_unit_float(upright, where)
             return upright.convert("L" if channels == 1 else "RGB")
     except FileNotFoundError as err:
         raise InputError(f"image {where} not found") from err
@@ -363,11 +373,34 @@ def open_image(path: str | os.PathLike[str], channels: int) -> Image.Image:
         raise InputError(f"cannot read image {where}: {getattr(err, 'strerror', None) or err}") from err
 
 
+# Grey modes of more than 8 bits, and the largest value of each: PIL's convert("L") would clip them.
+_HIGH_DEPTH = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1}
+
+
+def _as_unit_float(image: Image.Image, where: str) -> Image.Image:
+    """A high-bit-depth grey image as a float ("F") image in [0, 1]: 16-bit integers divided by
+    65535 (the range of the format, as torchvision scales uint16), floats taken as they are. Values
+    outside the format's range are refused, never clipped."""
+    values = np.asarray(image, dtype=np.float64)
+    top = _HIGH_DEPTH[image.mode]
+    low, high = float(values.min()), float(values.max())
+    if not np.isfinite(values).all() or low < 0 or high > top:
+        kind = "float image" if image.mode == "F" else f"{image.mode} image"
+        raise InputError(
+            f"{kind} {where} holds values in [{low:g}, {high:g}], outside [0, {top}]; torchvis scales "
+            f"{'float images as they are' if top == 1 else f'{image.mode} images by {top}'} — convert it "
+            "to 8 or 16 bits per channel first"
+        )
+    return Image.fromarray((values / top).astype(np.float32))
+
+
 def read_image(path: str | os.PathLike[str], preprocess: Preprocess) -> Tensor:
     """The image as the model sees it: ``[1,C,size,size]`` float32, normalised.
 
     The shorter side is resized to ``size`` (PIL's antialiased bilinear filter), then the centre
     ``size x size`` is cropped, as torchvision's ``Resize(size)`` + ``CenterCrop(size)`` on a PIL image.
+    8-bit images are divided by 255; 16-bit grey images by 65535 and float (TIFF) images taken as
+    they are (see :func:`open_image`); a grey image given to an RGB model fills the three channels.
     """
     image = open_image(path, preprocess.channels)
     size, (width, height) = preprocess.size, image.size
@@ -377,7 +410,12 @@ def read_image(path: str | os.PathLike[str], preprocess: Preprocess) -> Tensor:
         image = image.resize(shape, Image.Resampling.BILINEAR)
     left, top = round((shape[0] - size) / 2), round((shape[1] - size) / 2)
     image = image.crop((left, top, left + size, top + size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).reshape(size, size, -1)
+    if image.mode == "F":  # a high-bit-depth grey image, already in [0, 1]
+        grey = np.asarray(image, dtype=np.float32)[:, :, None]
+        values = np.repeat(grey, preprocess.channels, axis=2)
+    else:
+        values = np.asarray(image, dtype=np.float32) / np.float32(255)
+    pixels = torch.from_numpy(np.ascontiguousarray(values)).reshape(size, size, -1)
     mean = torch.tensor(preprocess.mean).view(-1, 1, 1)
     std = torch.tensor(preprocess.std).view(-1, 1, 1)
     return ((pixels.permute(2, 0, 1) - mean) / std).unsqueeze(0)

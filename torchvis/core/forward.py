@@ -1,16 +1,28 @@
 """Running a model for attribution without changing it: the guard, checked logits, and targets.
 
-Every method goes through :func:`guarded`, which puts the model in eval mode (by default), forks the
-global RNG, and restores every submodule's ``training`` flag in ``finally``.
+Every method goes through :func:`guarded`, which puts the model in eval mode (by default), keeps
+the global RNG where it was, and restores every submodule's ``training`` flag in ``finally``.
+
+Threads. A module's ``training`` flag is shared by every thread, so the guard holds a *lease* per
+model (see :mod:`torchvis.core.lease`): concurrent eval-mode calls on one model share one window in
+which the model is in eval mode — the first call switches it, the last one restores it — and run in
+parallel; while that window is open, a forward of the model in any other thread (a training step,
+say) raises :class:`~torchvis.core.lease.ConcurrentUseError` instead of silently running in eval
+mode. Calls with ``eval_mode=False`` wait for an open eval window to close (and vice versa).
 """
 
 from __future__ import annotations
 
+import numbers
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
+
+from torchvis.core import hooks
+from torchvis.core.lease import held
 
 Target = int | Sequence[int] | Tensor | None
 
@@ -46,20 +58,28 @@ def restored_modes(model: nn.Module) -> Iterator[list[tuple[nn.Module, bool]]]:
 @contextmanager
 def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool = True) -> Iterator[None]:
     """Run the block with ``model`` in eval mode (unless ``eval_mode=False``) and gradients enabled
-    (when ``grad``); afterwards every submodule's mode and the global RNG are as they were."""
+    (when ``grad``); afterwards every submodule's mode and the global RNG are as they were.
+
+    With ``eval_mode=False``, train-mode BatchNorm/InstanceNorm layers normalise with the batch's own
+    statistics and update no running statistics. The global RNG is forked (saved and restored) when a
+    module runs in train mode inside, or when this is the only thread; in a multi-threaded program an
+    eval-mode call leaves it alone, since restoring it would rewind other threads' draws (eval-mode
+    layers draw nothing).
+    """
     if grad and torch.is_inference_mode_enabled():
         raise RuntimeError(
             "gradient attributions cannot run inside torch.inference_mode(); call them outside it "
             "(torch.no_grad() is fine), or use occlusion, which needs no gradient"
         )
     cuda = [x.device] if x.device.type == "cuda" else []
-    # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
-    with restored_modes(model) as modes, torch.random.fork_rng(devices=cuda):
-        # Skipped when every module is already in eval mode: setting a module attribute costs
-        # microseconds, which add up per call on large models and small inputs.
-        if eval_mode and any(training for _, training in modes):
-            model.eval()
-        with torch.enable_grad() if grad else nullcontext():
+    with held(model, eval_mode=eval_mode) as training_inside:
+        # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
+        fork = training_inside or threading.active_count() == 1
+        with (
+            torch.random.fork_rng(devices=cuda) if fork else nullcontext(),
+            hooks.batch_statistics_only(model) if training_inside else nullcontext(),
+            torch.enable_grad() if grad else nullcontext(),
+        ):
             yield
 
 
@@ -81,19 +101,50 @@ def checked_logits(out: object, batch: int) -> Tensor:
     )
 
 
-def check_finite(logits: Tensor) -> None:
-    """Raise if the model output holds NaN (one host sync; call it after queuing the backward)."""
-    if torch.isnan(logits).any():
-        raise ValueError("the model output contains NaN; no attribution can be computed from it")
+def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of the target score") -> None:
+    """Raise if the model output, or any of ``more`` (``what`` they are), holds NaN or inf — one
+    host sync; call it after queuing the backward. An inf logit (a float32 overflow, say) would give
+    NaN maps."""
+    finite = torch.stack([torch.isfinite(t).all() for t in (logits, *more)])
+    if bool(finite.all()):
+        return
+    if not bool(finite[0]):
+        raise ValueError(
+            "the model output contains NaN or inf (an overflow in the logits?); no attribution can be "
+            "computed from it"
+        )
+    raise ValueError(
+        f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
+    )
+
+
+def as_target(target: object) -> Target:
+    """``target`` with NumPy integers and 0-d integer arrays or tensors turned into ``int`` and a NumPy
+    array into a tensor; anything else is returned as it is (checked by :func:`resolve_target`)."""
+    if isinstance(target, bool) or target is None or isinstance(target, int):
+        return target
+    if isinstance(target, numbers.Integral):  # np.int64, np.uint8, ...
+        return int(target)
+    if type(target).__module__ == "numpy" and hasattr(target, "dtype"):
+        if target.dtype.kind not in "iu":
+            raise TypeError(f"target must hold integer class indices, not numpy {target.dtype}")
+        target = torch.as_tensor(target)
+    if isinstance(target, Tensor) and target.dim() == 0:
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, not {target.dtype}")
+        return int(target.item())
+    return target  # type: ignore[return-value]
 
 
 def resolve_target(target: Target, logits: Tensor) -> Tensor:
     """The class index per example, ``[B]`` int64 on the logits' device.
 
-    ``None``: each example's predicted class; an ``int``: that class for every example; a sequence or
-    1-D integer tensor of length ``B``: one class per example.
+    ``None``: each example's predicted class; an ``int`` (also a NumPy integer or a 0-d integer array
+    or tensor): that class for every example; a sequence, 1-D integer tensor or NumPy array of length
+    ``B``: one class per example.
     """
     batch, classes = logits.shape
+    target = as_target(target)
     if target is None:
         return logits.detach().argmax(dim=1)
     if isinstance(target, bool):

@@ -10,11 +10,19 @@ Public pieces:
 - :func:`capture` — record chosen layers' outputs (and the gradients that reach them).
 - :func:`forward_hooks` — attach arbitrary forward (pre-)hooks for the duration of a block.
 - :func:`guided_relus` — route every ReLU (module or functional) through the guided-backprop rule.
+- :func:`batch_statistics_only` — train-mode normalisation layers use the batch's statistics and
+  update no running statistics.
+- :func:`refuse_forwards` — make forwards of given modules in other threads raise.
+
+Threads: module hooks are shared by every thread that runs the module, so each hook attached here
+acts only on forwards run by the thread that attached it; other threads' forwards pass through it
+untouched. Tensor hooks and torch function modes are per-thread already.
 """
 
 from __future__ import annotations
 
 import difflib
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
@@ -57,9 +66,12 @@ def forward_hooks(
     hooks: Iterable[tuple[nn.Module, ForwardHook]],
     pre_hooks: Iterable[tuple[nn.Module, ForwardPreHook]] = (),
 ) -> Iterator[None]:
-    """Attach forward hooks (and pre-hooks) for the duration of the block; always remove them."""
+    """Attach forward hooks (and pre-hooks) for the duration of the block; always remove them.
+
+    Each hook runs only for forwards in the calling thread; in other threads it does nothing."""
     handles: list[RemovableHandle] = []
     hooks, pre_hooks = list(hooks), list(pre_hooks)
+    owner = threading.get_ident()
     for module, _ in [*pre_hooks, *hooks]:
         if isinstance(module, torch.jit.ScriptModule):
             # Scripted modules refuse hooks; traced ones accept them and never call them.
@@ -69,13 +81,36 @@ def forward_hooks(
             )
     try:
         for module, pre in pre_hooks:
-            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_pre_hook(_in_thread(owner, pre)))
         for module, hook in hooks:
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(_in_thread(owner, hook)))
         yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _in_thread(owner: int, hook: Callable[..., Any]) -> Callable[..., Any]:
+    def only_in_owner(*args: Any) -> Any:
+        return hook(*args) if threading.get_ident() == owner else None
+
+    return only_in_owner
+
+
+def refuse_forwards(module_ids: frozenset[int], allowed: Callable[[], bool], message: str) -> RemovableHandle:
+    """Until the returned handle is removed, a forward of any module whose ``id`` is in ``module_ids``
+    raises ``ConcurrentUseError(message)`` unless ``allowed()`` (asked in the running thread).
+
+    A global module pre-hook: one registration however large the model, and it also sees a forward
+    that began before it was registered, at its next submodule.
+    """
+    from torchvis.core.lease import ConcurrentUseError
+
+    def refuse(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if id(module) in module_ids and not allowed():
+            raise ConcurrentUseError(message)
+
+    return torch.nn.modules.module.register_module_forward_pre_hook(refuse)
 
 
 @dataclass
@@ -256,3 +291,50 @@ def guided_relus() -> Iterator[ActivationReport]:
     report = ActivationReport()
     with _GuidedReLUMode(report):
         yield report
+
+
+# --- batch statistics without updates --------------------------------------------------------------
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+class _BatchStatisticsMode(TorchFunctionMode):
+    """Normalisation in train mode on the batch's own statistics, with its running statistics
+    neither read nor written and ``num_batches_tracked`` left as it is."""
+
+    def __init__(self, running: frozenset[int], counters: frozenset[int]) -> None:
+        super().__init__()
+        self.running, self.counters = running, counters
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.add_ and args and id(args[0]) in self.counters:
+            return args[0]  # BatchNorm's num_batches_tracked.add_(1)
+        if func is F.batch_norm or func is F.instance_norm:
+            running_mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            if id(running_mean) in self.running:
+                args = args[:1]
+                kwargs.update(running_mean=None, running_var=None)
+                kwargs["training" if func is F.batch_norm else "use_input_stats"] = True
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def batch_statistics_only(model: nn.Module) -> Iterator[None]:
+    """Within the block, every train-mode BatchNorm or InstanceNorm of ``model`` that tracks running
+    statistics normalises with the batch's statistics and leaves its buffers untouched (in this
+    thread only). Nothing happens for a model without such a layer."""
+    norms = [m for m in model.modules() if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+    running = frozenset(id(t) for m in norms for t in (m.running_mean, m.running_var) if t is not None)
+    counters = frozenset(id(m.num_batches_tracked) for m in norms if m.num_batches_tracked is not None)
+    if not running and not counters:
+        yield
+        return
+    with _BatchStatisticsMode(running, counters):
+        yield

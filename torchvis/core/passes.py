@@ -93,8 +93,9 @@ def gradient_pass(
             warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=4)
         t = resolve_target(target, logits)
         wanted = ([xi] if input_grad else []) + list(outputs.values())
-        grads = iter(torch.autograd.grad(class_score(logits, t), wanted) if wanted else ())
-        check_finite(logits)
+        computed = _grad(class_score(logits, t), wanted) if wanted else ()
+        check_finite(logits, *computed)
+        grads = iter(computed)
     return GradientPass(
         logits=logits.detach(),
         target=t,
@@ -202,6 +203,20 @@ def activation_pass(
         check_finite(logits)
         t = resolve_target(target, logits)
     return ActivationPass(logits=logits, target=t, layer=name, activation=output)
+
+
+def _grad(score: Tensor, wanted: list[Tensor]) -> tuple[Tensor, ...]:
+    try:
+        return torch.autograd.grad(score, wanted)
+    except RuntimeError as err:
+        if "modified by an inplace operation" not in str(err):
+            raise
+        raise RuntimeError(
+            "a tensor the backward pass needs was changed in place during the attribution: by the model "
+            "itself, or by another thread (an optimizer step on the weights?). Training and explaining "
+            "the same model concurrently is not supported: explain a copy, or use "
+            "Monitor(..., background=True)"
+        ) from err
 
 
 def _single_call_output(rec: hooks.Recording, name: str) -> Tensor:

@@ -126,6 +126,8 @@ def occlusion(
             _occlude(images, fill, windows, lo, batch, (wh, ww))
             scores = model(images).gather(1, t[examples][:, None])[:, 0]
             drops[lo:hi] = clean[examples] - scores
+        # An occluded image may overflow where the clean one did not.
+        check_finite(logits, drops, what="the target scores of some occluded images")
         drops = drops.view(len(windows), batch)
 
     # Outside inference mode, so the result is an ordinary tensor the user can compute with. A column

@@ -56,6 +56,8 @@ class AttributionCallback(pl.Callback):
     for bit (see :class:`torchvis.monitor.Monitor`). A missing TensorBoard logger fails at ``setup``,
     a bad probe, layer, method or option at the start of fit or validation, on every rank (an unknown
     metric already here). ``metrics`` and ``metric_options`` as in :class:`~torchvis.monitor.Monitor`.
+    ``background=True`` computes and writes the maps in a worker thread on a snapshot of the weights
+    (see :class:`torchvis.monitor.Monitor`); ``teardown`` waits for the queued steps.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class AttributionCallback(pl.Callback):
         looks: Mapping[str, Look] | None = None,
         metrics: Sequence[str] = (),
         metric_options: Mapping[str, Any] | None = None,
+        background: bool = False,
         **options: Any,
     ) -> None:
         if every_n_steps is not None and (
@@ -97,6 +100,7 @@ class AttributionCallback(pl.Callback):
             class_names=class_names, prefix=prefix, looks=looks, metrics=check_metrics(metrics),
             metric_options=dict(metric_options or {}), **options,
         )
+        self.background = background
         self.monitor: Monitor | None = None
         self.logged_steps: list[int] = []  # by the latest fit or validate, on this rank
         self._started = False
@@ -149,7 +153,8 @@ class AttributionCallback(pl.Callback):
             # inference tensor when the monitor copies it.
             with torch.inference_mode(False):
                 self.monitor = Monitor(pl_module, writer, self.images, self.labels,
-                                       every=self.every_n_steps or 1, **self.kwargs)
+                                       every=self.every_n_steps or 1, background=self.background,
+                                       **self.kwargs)
 
     def _log_if_due(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step

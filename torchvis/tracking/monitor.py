@@ -5,10 +5,21 @@ kept but the probe batch. A logging step runs :func:`torchvis.tensorboard.log_at
 current weights; it leaves training exactly as it was (eval mode only inside, every submodule's
 mode restored, the global RNG forked, gradients taken with ``torch.autograd.grad``, no ``.grad``
 touched), so a run with the monitor trains bit-identically to one without.
+
+With ``background=True`` a logging step only copies the weights: parameters and buffers go into a
+snapshot slot, and one worker thread loads the slot into a shadow model (a ``copy.deepcopy`` of the
+model made at construction, and again after the model changes dtype, device or shapes), computes the
+maps on it, renders and writes them. The training thread waits for the copy only — unless
+``queue_size`` steps are already waiting, when it blocks until the worker takes one (nothing is ever
+dropped). A worker error is raised at the next :meth:`Monitor.step`, :meth:`Monitor.log` or
+:meth:`Monitor.close`; :meth:`Monitor.close` waits for every queued step.
 """
 
 from __future__ import annotations
 
+import copy
+import queue
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -17,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchvis.core.forward import Target
+from torchvis.core.forward import Target, as_target
 from torchvis.core.hooks import LayerRef
 from torchvis.methods.spec import Look
 from torchvis.tracking.scores import check_metric_options, check_metrics, scores_layout
@@ -55,9 +66,11 @@ class Monitor:
     (``<prefix>/deletion/grad_cam``: the mean AUC over the probe, 21 points per curve unless
     ``metric_options`` say otherwise) and, once, a TensorBoard custom-scalars layout that draws each
     metric's methods on one chart (the Custom Scalars tab). The probe is copied
-    to the model's device now, and again if the model moves. Every argument is checked here, so a
-    mistake fails at construction, not at step 5,000. Under DDP, build it on rank 0 only with
-    ``ddp_model.module``. :meth:`close` (or leaving the ``with`` block, or normal interpreter exit)
+    to the model's device now, and again if the model moves or changes dtype. With ``background=True``
+    the maps are computed off the training thread (see the module docstring), which costs a shadow
+    copy of the model and ``queue_size`` snapshots of its weights in memory. Every argument is
+    checked here, so a mistake fails at construction, not at step 5,000. Under DDP, build it on rank 0
+    only with ``ddp_model.module``. :meth:`close` (or leaving the ``with`` block, or normal interpreter exit)
     flushes the writer; it does not close it, since the writer is yours.
     """
 
@@ -79,6 +92,8 @@ class Monitor:
         looks: Mapping[str, Look] | None = None,
         metrics: Sequence[str] = (),
         metric_options: Mapping[str, Any] | None = None,
+        background: bool = False,
+        queue_size: int = 2,
         **options: Any,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -86,6 +101,8 @@ class Monitor:
                             "on one rank would wait for the others forever")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int (log every `every` steps); got {every!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be a positive int; got {queue_size!r}")
         if labels is None:
             raise ValueError("the Monitor needs the probe's labels (the true classes, shown next to the "
                              "predictions); pass labels=[B] class indices")
@@ -104,44 +121,66 @@ class Monitor:
         self._prefix = prefix
         device = model_device(model) or images.device
         # Copies, so later in-place changes to the user's tensors cannot reach the probe.
-        self.images = images.detach().to(device, copy=True)
-        self.labels = torch.as_tensor(labels).to(device, copy=True)
+        self._probe = images.detach().to(device, copy=True)
+        self.images = self._probe.to(model_dtype(model) or self._probe.dtype)
+        self.labels = torch.as_tensor(as_target(labels)).to(device, copy=True)
+        target = as_target(target)
         self.target = target.to(device, copy=True) if isinstance(target, Tensor) else target
         self.logged_steps: list[int] = []
         self._closed = False
-        self._finalizer = weakref.finalize(self, _flush, writer)  # also runs at interpreter exit
+        self._background = _Background(model, writer, queue_size) if background else None
+        worker = self._background
+        self._finalizer = weakref.finalize(self, _finish, writer, worker)  # also runs at interpreter exit
 
     def step(self, step: int) -> bool:
         """Log if ``step % every == 0``; returns whether it did."""
         if self._closed:
             raise RuntimeError("this Monitor is closed")
+        if self._background is not None:
+            self._background.raise_error()
         if step % self.every:
             return False
         self.log(step)
         return True
 
     def log(self, step: int) -> None:
-        """Log now, whatever the step."""
+        """Log now, whatever the step (in background mode: snapshot the weights and queue the step)."""
         if self._closed:
             raise RuntimeError("this Monitor is closed")
         check_sink(self.writer)
-        device = model_device(self.model)
-        if device is not None and device != self.images.device:
-            self.images, self.labels = self.images.to(device), self.labels.to(device)
-            if isinstance(self.target, Tensor):
-                self.target = self.target.to(device)
-        log_attributions(self.writer, self.model, self.images, self.target, step=step, labels=self.labels,
-                         log_inputs=not self.logged_steps, **self._options)
+        if self._background is not None:
+            self._background.raise_error()
+        self._follow(self.model)
+        kwargs = dict(labels=self.labels, log_inputs=not self.logged_steps, **self._options)
         add_layout = getattr(self.writer, "add_custom_scalars", None)
         if self.metrics and not self.logged_steps and callable(add_layout):
             add_layout(scores_layout(self._prefix, self.metrics))  # once: the charts of every method
+        if self._background is not None:
+            self._background.submit(step, self.images, self.target, kwargs)
+        else:
+            log_attributions(self.writer, self.model, self.images, self.target, step=step, **kwargs)
         self.logged_steps.append(step)
 
+    def _follow(self, model: nn.Module) -> None:
+        """Move the probe (and a tensor target) to the model's device and dtype, if they changed."""
+        device, dtype = model_device(model), model_dtype(model)
+        if device is not None and device != self.images.device:
+            self._probe, self.labels = self._probe.to(device), self.labels.to(device)
+            if isinstance(self.target, Tensor):
+                self.target = self.target.to(device)
+        wanted = dtype or self._probe.dtype
+        if self.images.device != self._probe.device or self.images.dtype != wanted:
+            # From the first copy, so a round trip through bfloat16 loses nothing.
+            self.images = self._probe.to(wanted)
+
     def close(self) -> None:
-        """Flush the writer and stop; later calls to :meth:`step` raise."""
+        """Wait for queued steps (background mode), flush the writer and stop; later calls to
+        :meth:`step` raise. A background error not yet raised is raised here."""
         if not self._closed:
             self._closed = True
             self._finalizer()
+            if self._background is not None:
+                self._background.raise_error()
 
     def __enter__(self) -> Monitor:
         return self
@@ -156,3 +195,101 @@ def _flush(writer: Sink) -> None:
     flush: Callable[[], None] | None = getattr(writer, "flush", None)
     if callable(flush) and not is_closed(writer):
         flush()
+
+
+def _finish(writer: Sink, background: _Background | None) -> None:
+    if background is not None:
+        background.stop()
+    _flush(writer)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter (or buffer); None if it has none."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return None
+
+
+_Job = tuple[int, list[Tensor], list[bool], Tensor, Any, dict[str, Any]]
+
+
+class _Background:
+    """One worker thread that logs snapshots of the model's weights on a shadow copy of it."""
+
+    def __init__(self, model: nn.Module, writer: Sink, queue_size: int) -> None:
+        self.model, self.writer, self.queue_size = model, writer, queue_size
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.errors: list[tuple[int, BaseException]] = []
+        self._shadow(model)
+        self.worker = threading.Thread(target=self._work, name="torchvis-monitor", daemon=True)
+        self.worker.start()
+
+    def _shadow(self, model: nn.Module) -> None:
+        """A fresh shadow model and ``queue_size`` snapshot slots shaped like the model's tensors."""
+        try:
+            self.shadow = copy.deepcopy(model)
+        except Exception as err:
+            raise TypeError(
+                f"background=True needs a copy of the model (copy.deepcopy), which failed: {err}"
+            ) from err
+        self.sources = [*model.parameters(), *model.buffers()]
+        self.targets = [*self.shadow.parameters(), *self.shadow.buffers()]
+        self.free: queue.Queue[list[Tensor]] = queue.Queue()
+        for _ in range(self.queue_size):
+            self.free.put([t.detach().clone() for t in self.sources])
+
+    def submit(self, step: int, images: Tensor, target: Any, kwargs: dict[str, Any]) -> None:
+        """Copy the weights into a free slot (waiting for one if ``queue_size`` steps are queued) and
+        queue the step."""
+        sources = [*self.model.parameters(), *self.model.buffers()]
+        if not self._fits(sources):  # model.double(), .to(device), a new layer: start a new shadow
+            self.jobs.join()
+            self.raise_error()
+            self._shadow(self.model)
+            sources = self.sources
+        slot = self.free.get()
+        with torch.no_grad():
+            torch._foreach_copy_(slot, [t.detach() for t in sources])
+        modes = [m.training for m in self.model.modules()]
+        self.jobs.put((step, slot, modes, images, target, kwargs))
+
+    def _fits(self, sources: list[Tensor]) -> bool:
+        return len(sources) == len(self.sources) and all(
+            a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device)
+            for a, b in zip(sources, self.targets, strict=True)
+        )
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                self._log(*job)
+            except BaseException as err:  # noqa: BLE001 - raised in the training thread
+                self.errors.append((job[0] if job is not None else -1, err))
+            finally:
+                self.jobs.task_done()
+
+    def _log(self, step: int, slot: list[Tensor], modes: list[bool], images: Tensor, target: Any,
+             kwargs: dict[str, Any]) -> None:
+        with torch.no_grad():
+            torch._foreach_copy_(self.targets, slot)
+        self.free.put(slot)
+        for module, training in zip(self.shadow.modules(), modes, strict=True):
+            module.training = training
+        log_attributions(self.writer, self.shadow, images, target, step=step, **kwargs)
+
+    def raise_error(self) -> None:
+        """Raise the first error of the worker not raised yet."""
+        if self.errors:
+            step, err = self.errors.pop(0)
+            message = f"background logging of step {step} failed: {type(err).__name__}: {err}"
+            raise RuntimeError(message) from err
+
+    def stop(self) -> None:
+        """Wait for every queued step, then end the worker."""
+        if self.worker.is_alive():
+            self.jobs.put(None)
+            self.worker.join()

@@ -46,7 +46,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import summary
 
-from torchvis.core.forward import Target, check_input, checked_logits, guarded, resolve_target
+from torchvis.core.forward import (
+    Target,
+    as_target,
+    check_input,
+    checked_logits,
+    guarded,
+    resolve_target,
+)
 from torchvis.core.hooks import LayerRef, resolve_layer
 from torchvis.methods.combine import explain, unique_specs
 from torchvis.methods.spec import Look, MethodSpec
@@ -108,6 +115,7 @@ def log_attributions(
     device = model_device(model) or images.device
     x = images.detach().to(device)
     y = None if labels is None else torch.as_tensor(labels).to(device)
+    target = as_target(target)
     if isinstance(target, Tensor):
         target = target.to(device)
     with guarded(model, x, grad=False), torch.no_grad():
@@ -233,6 +241,7 @@ def check_logging(
 
 def check_target(target: Target, batch: int) -> None:
     """``target`` must be None, a class index, or one class index per example (``batch``)."""
+    target = as_target(target)  # NumPy integers and 0-d arrays or tensors are class indices
     if target is None:
         return
     if isinstance(target, bool) or (isinstance(target, int) and target < 0):
