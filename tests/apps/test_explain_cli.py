@@ -15,6 +15,7 @@ import torchvision
 from PIL import Image
 from torch import Tensor, nn
 
+import torchvis
 from torchvis.apps.cli import main
 from torchvis.apps.digits import MNIST_MEAN, MNIST_STD, DigitsCNN, load_digits_model, save_checkpoint
 from torchvis.apps.loading import (
@@ -142,7 +143,7 @@ def test_photo_figure_shows_every_method(assets: dict[str, Path], tmp_path: Path
 
     figure = decode(out / "chelsea.png")
     shape, boxes = layout(64)
-    assert figure.shape == shape == (325, 1510, 3)
+    assert figure.shape == shape == (325, 250 * (len(METHODS) + 1) + 10, 3)  # 250 pixels a panel
     image = denormalize(x, IMAGENET_MEAN, IMAGENET_STD)[0]
     expected = {
         "saliency": saliency(model, x),
@@ -150,6 +151,13 @@ def test_photo_figure_shows_every_method(assets: dict[str, Path], tmp_path: Path
         "grad_cam": grad_cam(model, x, layer="layer4"),
         "guided_grad_cam": guided_grad_cam(model, x, layer="layer4"),
         "occlusion": occlusion(model, x, window=32),
+        "gradient_x_input": torchvis.gradient_x_input(model, x),
+        "integrated_gradients": torchvis.integrated_gradients(model, x),
+        "smoothgrad": torchvis.smoothgrad(model, x),
+        "vargrad": torchvis.vargrad(model, x),
+        "score_cam": torchvis.score_cam(model, x, layer="layer4"),
+        **{name: SPECS[name].function(model, x, layer="layer4")
+           for name in ("grad_cam_pp", "xgrad_cam", "layer_cam", "hires_cam")},
     }
     pictures = [image] + [render_map(name, expected[name][0], image) for name in METHODS]
     for box, picture in zip(boxes, pictures, strict=True):

@@ -19,6 +19,7 @@ from PIL import Image
 
 from torchvis.apps.digits import DigitsCNN, load_digits_model, save_checkpoint
 from torchvis.apps.loading import Preprocess, read_image
+from torchvis.methods import SPECS
 
 pytestmark = pytest.mark.slow  # starts four Python processes
 
@@ -97,7 +98,8 @@ def test_two_ranks_explain_every_file_exactly_once(digits: tuple[Path, Path], tm
         assert float(row["score"]) == pytest.approx(float(probs.max()), abs=1e-5)
         with Image.open(row["figure"]) as image:
             figure = np.asarray(image.convert("RGB"))
-        assert figure.shape == (325, 1510, 3) and figure.std() > 10
+        # 250 pixels a panel: the input and every registered method.
+        assert figure.shape == (325, 250 * (len(SPECS) + 1) + 10, 3) and figure.std() > 10
 
 
 def test_a_bad_file_on_one_rank_stops_every_rank(digits: tuple[Path, Path], tmp_path: Path) -> None:
