@@ -71,9 +71,8 @@ def test_audit_points_at_the_corner_of_the_class_that_reads_it(tmp_path: Path) -
 def test_deletion_scores_and_region_shares_per_image(tmp_path: Path) -> None:
     """Each image's scores equal torchvis.deletion/insertion of its map at the audit's step size, and
     the region share is the mass inside the region given with the data."""
-    from torchvis.metrics.faithfulness import deletion, insertion
-
     import torchvis
+    from torchvis.metrics.faithfulness import deletion, insertion
 
     model, data = corner_model(), corner_data(4)
     regions = torch.zeros(12, 16, 16)

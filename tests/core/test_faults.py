@@ -9,24 +9,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import options_for
 from torch import Tensor, nn
 
-from torchvis.methods.combine import METHODS, explain
+from torchvis.methods import METHODS, explain
 from torchvis.methods.gradient import saliency
 
-OPTIONS: dict[str, dict[str, Any]] = {
-    "saliency": {}, "guided_backprop": {}, "grad_cam": {"layer": "1"}, "guided_grad_cam": {"layer": "1"},
-    "occlusion": {"window": 2},
-}
 CALLS = [*METHODS, "explain"]
 
 
 def call(name: str, model: nn.Module, x: Tensor, target: Any = None, **kwargs: Any) -> dict[str, Tensor]:
     if name == "explain":
-        return explain(model, x, target, methods=list(METHODS), layer="1", window=2, **kwargs)
-    if name not in OPTIONS:
-        pytest.fail(f"method {name!r} is registered: add its options to OPTIONS in {__file__}")
-    return {name: METHODS[name](model, x, target, **OPTIONS[name], **kwargs)}
+        options = {k: v for n in METHODS for k, v in options_for(n, layer="1").items() if k != "layer"}
+        return explain(model, x, target, methods=list(METHODS), layer="1", **options, **kwargs)
+    return {name: METHODS[name](model, x, target, **options_for(name, layer="1"), **kwargs)}
 
 
 class Scaled(nn.Module):
