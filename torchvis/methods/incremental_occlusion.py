@@ -34,8 +34,11 @@ log = logging.getLogger("torchvis")
 _TRACE_LOCK = threading.Lock()
 
 # "auto" uses the incremental path when its estimated multiply-adds are at most this share of the
-# naive path's: below that the gathers and pastes it adds are paid for.
+# naive path's and an occluded image costs at least MIN_MACS multiply-adds: on smaller models the
+# per-node gathers and Python work cost more than the convolutions they save (the digits CNN,
+# 0.3 of the work, ran 0.55x as fast as the naive floor: benchmarks/RESULTS.md).
 GAIN_THRESHOLD = 0.5
+MIN_MACS = 20e6
 
 
 class Kind(enum.Enum):
@@ -60,6 +63,7 @@ class Engine:
     padded: dict[fx.Node, tuple[Tensor, tuple[int, int]]] = field(default_factory=dict)
     occluded: Region = field(default_factory=lambda: Region(*[torch.zeros(0, dtype=torch.long)] * 4))
     work: float = 1.0  # estimated multiply-adds, a share of the naive path's
+    macs: float = 0.0  # estimated multiply-adds of one naive occluded image (convolutions, linear)
     per_item: int = 1  # values held per occluded image at the widest node
 
     @property
@@ -235,6 +239,7 @@ def _plan(engine: Engine, starts: list[tuple[int, int]]) -> None:
             naive += macs
             incremental += macs
     engine.work = incremental / naive if naive else 1.0
+    engine.macs = naive  # per example: the clean activations are per example
     engine.per_item = per_item
 
 
@@ -274,7 +279,15 @@ def describe(engine: Engine) -> str:
     """Where the engine stops working on patches, for the debug log."""
     first = next((n for n in engine.graph.nodes if engine.kinds.get(n) is Kind.FULL), None)
     where = f"full forwards from node {first.name!r} ({first.op} {first.target})" if first else "no global op"
-    return f"{where}; estimated work {engine.work:.2f} of the naive path's"
+    return (
+        f"{where}; estimated work {engine.work:.2f} of the naive path's "
+        f"({engine.macs / 1e6:.1f} M multiply-adds an image)"
+    )
+
+
+def gains(engine: Engine) -> bool:
+    """Whether the incremental path is expected to beat the naive one (see GAIN_THRESHOLD)."""
+    return engine.work <= GAIN_THRESHOLD and engine.macs >= MIN_MACS
 
 
 def chunks(engine: Engine, total: int, batch_size: int) -> Iterator[tuple[int, int]]:

@@ -96,7 +96,8 @@ def occlusion(
     ``incremental`` (Krypton: Nakandala et al., SIGMOD 2019) reuses the clean image's activations and
     recomputes, per window, only the patch of each layer that its change can reach, up to the first
     layer that mixes globally; the map is the same up to float rounding. ``None`` (default) uses it
-    when the model traces with ``torch.fx`` and the estimated work is at most half the naive path's;
+    when the model traces with ``torch.fx``, the estimated work is at most half the naive path's and
+    the model is large enough for that to pay (:func:`~torchvis.methods.incremental_occlusion.gains`);
     ``True`` requires it (``ValueError`` saying why it cannot be used); ``False`` runs every occluded
     image whole. The ``torchvis`` logger says at DEBUG level which path ran. Tracing briefly patches
     ``nn.Module.__call__`` process-wide: pass ``False`` while other threads run models.
@@ -173,7 +174,7 @@ def _engine(
             raise ValueError(f"incremental occlusion cannot run on this model: {built}")
         log.debug("occlusion: naive, every occluded image whole: %s", built)
         return None, None
-    if incremental is None and built.work > inc.GAIN_THRESHOLD:
+    if incremental is None and not inc.gains(built):
         log.debug("occlusion: naive, incremental would not gain enough: %s", inc.describe(built))
         return None, built.logits
     log.debug("occlusion: incremental, %s", inc.describe(built))
