@@ -57,15 +57,16 @@ class Block(nn.Module):
 
 
 class ResidualNet(nn.Module):
-    """ResNet-shaped: a 5x5 stride-2 stem, BN, max-pool 3/2/1, two residual blocks (one strided),
+    """ResNet-shaped: a 5x5 stride-2 stem, BN, max-pool 3/2/1, ReLU, two residual blocks (one strided),
     a dilated convolution, functional ReLU, a channel concatenation with a sigmoid branch, average
     pooling with padding, a ceil-mode max-pool, then global pooling and a linear head."""
 
     def __init__(self) -> None:
         super().__init__()
+        # Max-pool before the ReLU: negative values meet its padding, which must never win.
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 4, 5, stride=2, padding=2), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, 2, 1),
+            nn.Conv2d(3, 4, 5, stride=2, padding=2), nn.BatchNorm2d(4), nn.MaxPool2d(3, 2, 1),
+            nn.ReLU(inplace=True),
         )
         self.block1, self.block2 = Block(4, 4, 1), Block(4, 6, 2)
         self.dilated = nn.Conv2d(6, 6, 3, padding=2, dilation=2)
@@ -75,7 +76,7 @@ class ResidualNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.relu(self.dilated(self.block2(self.block1(self.stem(x)))))
-        y = torch.cat([y, torch.sigmoid(y) * 2.0], dim=1)
+        y = torch.cat([y, torch.sigmoid(y) * 2.0 - 1.5], dim=1)  # negative: ceil-mode windows see it
         return self.head(self.ceil(self.avg(y)))  # type: ignore[no-any-return]
 
 
@@ -165,6 +166,12 @@ def test_the_debug_log_names_the_first_global_op(
     with caplog.at_level(logging.DEBUG, logger="torchvis"):
         occlusion(model, x, window=5, incremental=True)
     assert "occlusion: incremental, full forwards from node 'head_0'" in caplog.text
+    caplog.clear()
+    # By default a model this small runs naively: its few multiply-adds do not pay for the gathers.
+    with caplog.at_level(logging.DEBUG, logger="torchvis"):
+        occlusion(model, x, window=5)
+    assert "occlusion: naive, incremental would not gain enough" in caplog.text
+    assert "M multiply-adds an image" in caplog.text
 
 
 # --- declining ------------------------------------------------------------------------------------
@@ -259,6 +266,27 @@ def test_tracing_leaves_the_users_model_alone(randn: Callable[..., Tensor]) -> N
     got = occlusion(model, x, 0, window=3, stride=2, incremental=True)
     assert vars(model) == before  # no call counted by the trace, no tensor constant stored
     expected = ref.occlusion(model, x, torch.tensor([0]), (3, 3), (2, 2))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+class ExpInPlace(nn.Module):
+    """An in-place op the incremental path runs on whole activations (``exp_``): the clean value
+    of its input must survive the clean run, since every chunk pastes its patches into it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x).exp_()
+        return self.fc(y.mean(dim=(2, 3)))  # type: ignore[no-any-return]
+
+
+def test_an_in_place_global_op_sees_the_clean_activation(randn: Callable[..., Tensor]) -> None:
+    model, x = build(0, ExpInPlace), randn(2, 2, 3, 8, 8)
+    got = occlusion(model, x, [0, 2], window=3, stride=2, incremental=True)
+    expected = ref.occlusion(model, x, torch.tensor([0, 2]), (3, 3), (2, 2))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
