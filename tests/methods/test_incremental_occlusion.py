@@ -365,3 +365,11 @@ def test_union_ignores_empty_rectangles_and_place_covers_inside_the_map() -> Non
     assert placement.size == (4, 2)
     # Each patch covers its rectangle and stays inside the 9x5 map (the third one is moved up).
     assert placement.top.tolist() == [0, 5, 5] and placement.left.tolist() == [0, 1, 0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_incremental_on_cuda_matches_the_cpu(randn: Callable[..., Tensor]) -> None:
+    model, x = build(0, ResidualNet), randn(0, 2, 3, 23, 19)
+    cpu = occlusion(model, x, [1, 3], window=(5, 4), stride=(3, 3), incremental=True)
+    cuda = occlusion(model.cuda(), x.cuda(), [1, 3], window=(5, 4), stride=(3, 3), incremental=True)
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-9, atol=1e-11)

@@ -99,8 +99,10 @@ def occlusion(
     when the model traces with ``torch.fx``, the estimated work is at most half the naive path's and
     the model is large enough for that to pay (:func:`~torchvis.methods.incremental_occlusion.gains`);
     ``True`` requires it (``ValueError`` saying why it cannot be used); ``False`` runs every occluded
-    image whole. The ``torchvis`` logger says at DEBUG level which path ran. Tracing briefly patches
-    ``nn.Module.__call__`` process-wide: pass ``False`` while other threads run models.
+    image whole. The ``torchvis`` logger says at DEBUG level which path ran. The incremental path
+    replays the traced graph, so Python code in ``forward`` and hooks of modules outside ``torch.nn``
+    do not run per window; tracing patches ``nn.Module.__call__`` process-wide for its few
+    milliseconds. Pass ``False`` when either matters (other threads running models, say).
     """
     check_input(x)
     batch, _, height, width = x.shape
