@@ -105,7 +105,8 @@ def monitor_step(repeats: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore", EmptyMapWarning)  # an untrained model's CAMs may be empty
         writer = SummaryWriter(folder)
-        kw: dict[str, Any] = dict(methods=("saliency", "grad_cam"), layer="relu2", mean=MNIST_MEAN, std=MNIST_STD)
+        kw: dict[str, Any] = dict(methods=("saliency", "grad_cam"), layer="relu2", mean=MNIST_MEAN,
+                                  std=MNIST_STD)
         with_metrics = Monitor(model, writer, x, y, metrics=("deletion", "insertion"), **kw)
         without = Monitor(model, writer, x, y, **kw)
         step = iter(range(1, 10**6))

@@ -188,3 +188,34 @@ def test_smoke_run_with_the_peers_that_are_installed(tmp_path: Path) -> None:
         assert row.note == "" and row.ms and row.rel_diff is not None and row.rel_diff < 1e-4, (name, row)
     if not installed or all(row.note.startswith("not installed") for row in installed.values()):
         pytest.skip("no peer library installed")
+
+
+def test_gpu_script_dry_run_appends_a_dated_section(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu.sh"), "--dry-run", "--results", str(results)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n\n## GPU run: CPU dry run (")  # appended, not replaced
+    assert "Command: `bash benchmarks/gpu.sh --dry-run --results" in text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith(("| cnn_tiny", "| vit_tiny"))]
+    methods = {"saliency", "guided_backprop", "grad_cam", "guided_grad_cam", "occlusion incremental",
+               "occlusion naive", "explain saliency+grad_cam"}
+    # Two models x two batches x three precisions x every method, each cell measured or n/a.
+    assert len(rows) == 2 * 2 * 3 * len(methods) and {row[3] for row in rows} == methods
+    for model, batch, precision, method, ms, _, note in (row[:7] for row in rows):
+        assert precision in ("fp32", "bf16", "bf16 channels-last")
+        if model == "| cnn_tiny":
+            assert float(ms) > 0 and note.strip(" |") == "", (batch, precision, method, note)
+        elif method in ("grad_cam", "guided_grad_cam", "explain saliency+grad_cam"):
+            # ViT's blocks output tokens [B, N, C]: recorded as not applicable, not a crash.
+            assert ms == "-" and note.startswith("n/a (ValueError: Grad-CAM needs a layer"), note
+    assert "| digits training | 8 | fp32 | train step + Monitor.step, logging |" in text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -14,7 +16,10 @@ from torchvis.core.forward import (
     guarded,
     resolve_target,
 )
+from torchvis.methods import incremental_occlusion as inc
 from torchvis.methods.spec import Look, Need, register
+
+log = logging.getLogger("torchvis")
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -77,6 +82,7 @@ def occlusion(
     batch_size: int | None = None,
     progress: bool = False,
     eval_mode: bool = True,
+    incremental: bool | None = None,
 ) -> Tensor:
     """Occlusion sensitivity map. Returns ``[B,1,H,W]``.
 
@@ -87,6 +93,17 @@ def occlusion(
     broadcastable to ``x``. Forward passes only, under ``torch.inference_mode``; ``batch_size`` caps
     the occluded images per forward pass (memory), mixing windows and examples. ``None`` chooses it
     with :func:`default_batch_size`.
+
+    ``incremental`` (Krypton: Nakandala et al., SIGMOD 2019) reuses the clean image's activations and
+    recomputes, per window, only the patch of each layer that its change can reach, up to the first
+    layer that mixes globally; the map is the same up to float rounding. ``None`` (default) uses it
+    when the model traces with ``torch.fx``, the estimated work is at most half the naive path's and
+    the model is large enough for that to pay (:func:`~torchvis.methods.incremental_occlusion.gains`);
+    ``True`` requires it (``ValueError`` saying why it cannot be used); ``False`` runs every occluded
+    image whole. The ``torchvis`` logger says at DEBUG level which path ran. The incremental path
+    replays the traced graph, so Python code in ``forward`` and hooks of modules outside ``torch.nn``
+    do not run per window; tracing patches ``nn.Module.__call__`` process-wide for its few
+    milliseconds. Pass ``False`` when either matters (other threads running models, say).
     """
     check_input(x)
     batch, _, height, width = x.shape
@@ -111,21 +128,28 @@ def occlusion(
     windows = [(i, j) for i in window_starts(height, wh, sh) for j in window_starts(width, ww, sw)]
 
     with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode():
-        logits = checked_logits(model(x.clone()), batch)  # a model may change its input in place
+        engine, out = _engine(model, x, fill, windows, (wh, ww), incremental)
+        # A model may change its input in place.
+        logits = checked_logits(model(x.clone()) if out is None else out, batch)
         check_finite(logits)
         t = resolve_target(target, logits)
         clean = logits.gather(1, t[:, None])[:, 0]
         # Flat index k = window * batch + example: a forward batch holds consecutive windows,
         # each for a contiguous run of examples, so each window is one slice assignment.
         drops = torch.empty(len(windows) * batch, dtype=logits.dtype, device=x.device)
-        chunks = range(0, drops.numel(), batch_size)
-        for lo in tqdm(chunks, desc="occlusion", unit="batch", disable=not progress):
-            hi = min(lo + batch_size, drops.numel())
+        if engine is not None:
+            chunks = list(inc.chunks(engine, drops.numel(), batch_size))
+        else:
+            chunks = [(lo, min(lo + batch_size, drops.numel())) for lo in range(0, drops.numel(), batch_size)]
+        for lo, hi in tqdm(chunks, desc="occlusion", unit="batch", disable=not progress):
             examples = torch.arange(lo, hi, device=x.device) % batch
-            images = x.index_select(0, examples)
-            _occlude(images, fill, windows, lo, batch, (wh, ww))
-            scores = model(images).gather(1, t[examples][:, None])[:, 0]
-            drops[lo:hi] = clean[examples] - scores
+            if engine is not None:
+                out = checked_logits(inc.occluded_logits(engine, lo, hi), hi - lo)
+            else:
+                images = x.index_select(0, examples)
+                _occlude(images, fill, windows, lo, batch, (wh, ww))
+                out = model(images)
+            drops[lo:hi] = clean[examples] - out.gather(1, t[examples][:, None])[:, 0]
         # An occluded image may overflow where the clean one did not.
         check_finite(logits, drops, what="the target scores of some occluded images")
         drops = drops.view(len(windows), batch)
@@ -135,6 +159,31 @@ def occlusion(
     with_ones = torch.cat([drops, torch.ones_like(drops[:, :1])], dim=1)
     sums = _spread(with_ones, (height, width), (wh, ww), (sh, sw))
     return (sums[:batch] / sums[batch:]).to(x.dtype)
+
+
+def _engine(
+    model: nn.Module,
+    x: Tensor,
+    fill: Tensor,
+    windows: list[tuple[int, int]],
+    window: tuple[int, int],
+    incremental: bool | None,
+) -> tuple[inc.Engine | None, Tensor | None]:
+    """The incremental engine when it is required or (``None``) expected to gain, and the clean
+    logits if the attempt computed them."""
+    if incremental is False:
+        return None, None
+    built = inc.build(model, x, fill, windows, window)
+    if isinstance(built, str):
+        if incremental:
+            raise ValueError(f"incremental occlusion cannot run on this model: {built}")
+        log.debug("occlusion: naive, every occluded image whole: %s", built)
+        return None, None
+    if incremental is None and not inc.gains(built):
+        log.debug("occlusion: naive, incremental would not gain enough: %s", inc.describe(built))
+        return None, built.logits
+    log.debug("occlusion: incremental, %s", inc.describe(built))
+    return built, built.logits
 
 
 def _spread(
