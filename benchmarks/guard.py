@@ -1,56 +1,86 @@
-"""Added per-call cost of the thread-safe guard and the wider finiteness check, digits CNN, batch 1."""
-import statistics, sys, timeit
-from contextlib import contextmanager, nullcontext
+"""What the thread-safe guard and the wider finiteness check add per call, on the digits CNN at batch 1.
+
+    python -m benchmarks.guard            # about a minute on 2 cores
+
+The baseline is the guard as it was before the per-model leases (modes recorded and restored per call,
+the global RNG forked) and the NaN-only check of the logits, re-stated here; both sides run
+interleaved in one process, timed in process CPU seconds with one thread (a shared machine's waiting
+for a core is left out), and the added cost is the median of the paired differences, with its spread.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import timeit
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
-sys.path.insert(0, ".")
+from torch import Tensor, nn
+
 from torchvis.apps.digits import DigitsCNN
-from torchvis.core.forward import guarded, restored_modes
-torch.set_num_threads(1)
+from torchvis.core.forward import check_finite, guarded, restored_modes
+from torchvis.methods.gradient import saliency
+
 
 @contextmanager
-def old_guarded(model, x, *, eval_mode=True, grad=True):  # the guard before this branch
-    if grad and torch.is_inference_mode_enabled():
-        raise RuntimeError
+def guard_before(model: nn.Module, x: Tensor, *, eval_mode: bool = True) -> Iterator[None]:
+    """The guard before issue 11, for comparison."""
     with restored_modes(model) as modes, torch.random.fork_rng(devices=[]):
-        if eval_mode and any(t for _, t in modes):
+        if eval_mode and any(training for _, training in modes):
             model.eval()
-        with torch.enable_grad() if grad else nullcontext():
+        with torch.enable_grad():
             yield
 
-def old_check(logits):
-    if torch.isnan(logits).any():
-        raise ValueError
 
-from torchvis.core.forward import check_finite
-x = torch.randn(1, 1, 28, 28)
-for mode in ("eval", "train"):
-    model = DigitsCNN(generator=torch.Generator().manual_seed(0))
-    model.train(mode == "train")
-    def new():
-        with guarded(model, x):
-            pass
-    def old():
-        with old_guarded(model, x):
-            pass
-    n, diffs, news, olds = 2000, [], [], []
-    for r in range(15):
-        a = timeit.timeit(new if r % 2 else old, number=n) / n * 1e6
-        b = timeit.timeit(old if r % 2 else new, number=n) / n * 1e6
-        nw, od = (a, b) if r % 2 else (b, a)
-        news.append(nw); olds.append(od); diffs.append(nw - od)
-    q = statistics.quantiles(diffs, n=4)
-    print(f"guard, {mode}-mode model: new {statistics.median(news):.1f} us, old {statistics.median(olds):.1f} us, "
-          f"added {statistics.median(diffs):.1f} us (IQR {q[0]:.1f} to {q[2]:.1f}, 15 paired repeats)")
-logits = torch.randn(1, 10); grad = torch.randn(1, 1, 28, 28)
-diffs = []
-for r in range(15):
-    a = timeit.timeit(lambda: check_finite(logits, grad), number=2000) / 2000 * 1e6
-    b = timeit.timeit(lambda: old_check(logits), number=2000) / 2000 * 1e6
-    diffs.append(a - b)
-q = statistics.quantiles(diffs, n=4)
-print(f"finiteness check (logits + input gradient) vs isnan(logits): added {statistics.median(diffs):.1f} us "
-      f"(IQR {q[0]:.1f} to {q[2]:.1f})")
-from torchvis.methods.gradient import saliency
-model = DigitsCNN(generator=torch.Generator().manual_seed(0)).eval()
-t = [timeit.timeit(lambda: saliency(model, x, 3), number=200) / 200 * 1e6 for _ in range(7)]
-print(f"saliency, digits CNN, batch 1, eval model: {statistics.median(t):.0f} us a call (median of 7)")
+def check_before(logits: Tensor) -> None:
+    if torch.isnan(logits).any():
+        raise ValueError("NaN")
+
+
+def per_call_us(run: Callable[[], object], number: int) -> float:
+    return timeit.timeit(run, number=number, timer=time.process_time) / number * 1e6
+
+
+def added(new: Callable[[], object], old: Callable[[], object], repeats: int = 15,
+          number: int = 2000) -> tuple[float, float, float, float, float]:
+    """Medians of new and old per call, and the median and quartiles of new - old (µs), interleaved."""
+    news, olds = [], []
+    for index in range(repeats):
+        order = [(news, new), (olds, old)] if index % 2 == 0 else [(olds, old), (news, new)]
+        for into, run in order:
+            into.append(per_call_us(run, number))
+    diffs = [a - b for a, b in zip(news, olds, strict=True)]
+    q1, _, q3 = statistics.quantiles(diffs, n=4)
+    return statistics.median(news), statistics.median(olds), statistics.median(diffs), q1, q3
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for mode in ("eval", "train"):
+        model = DigitsCNN(generator=torch.Generator().manual_seed(0)).train(mode == "train")
+
+        def new(model: nn.Module = model) -> None:
+            with guarded(model, x):
+                pass
+
+        def old(model: nn.Module = model) -> None:
+            with guard_before(model, x):
+                pass
+
+        n, o, d, q1, q3 = added(new, old)
+        print(f"guard, {mode}-mode model: {n:.1f} µs, before {o:.1f} µs: +{d:.1f} µs "
+              f"(quartiles {q1:.1f} to {q3:.1f}, 15 paired repeats)")
+    logits, grad = torch.randn(1, 10), torch.randn(1, 1, 28, 28)
+    n, o, d, q1, q3 = added(lambda: check_finite(logits, grad), lambda: check_before(logits))
+    print(f"finite logits and input gradient: {n:.1f} µs, NaN-only logits {o:.1f} µs: +{d:.1f} µs "
+          f"(quartiles {q1:.1f} to {q3:.1f})")
+    model = DigitsCNN(generator=torch.Generator().manual_seed(0)).eval()
+    whole = statistics.median(per_call_us(lambda: saliency(model, x, 3), 200) for _ in range(7))
+    print(f"for scale, saliency on the digits CNN at batch 1: {whole:.0f} µs a call")
+
+
+if __name__ == "__main__":
+    main()
