@@ -223,8 +223,9 @@ def test_batches_are_bounded_and_forward_only(small_cnn: Callable[[int], nn.Modu
 
 
 def test_default_batch_size_bounds_memory() -> None:
-    assert default_batch_size(torch.zeros(1, 1, 28, 28)) == 512
-    assert default_batch_size(torch.zeros(1, 3, 224, 224)) == 39
+    assert default_batch_size(torch.zeros(1, 1, 28, 28)) == 128
+    assert default_batch_size(torch.zeros(1, 3, 224, 224)) == 8
+    assert default_batch_size(torch.zeros(1, 3, 112, 112)) == 32
 
 
 # ---------------------------------------------------------------------------------------------

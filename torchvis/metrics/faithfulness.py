@@ -35,10 +35,11 @@ __all__ = ["Curves", "deletion", "importance", "insertion", "ranks", "steps"]
 # The RISE code's substrate for insertion: a Gaussian blur with an 11-pixel kernel and sigma 5.
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
 
-# Images per forward pass when none is given: on the CPU as many as hold about 6 million input
-# values, at most 512, which is where the throughput of small models levels off (benchmarks/metrics.py);
-# on an accelerator 64.
-_CPU_BATCH_VALUES = 6_000_000
+# Images per forward pass when none is given, on a CPU: as for occlusion, as many as hold about 1.2
+# million input values (8 images of 3x224x224), at most 128, where the digits CNN's throughput peaks
+# (benchmarks/metrics.py: 512 a batch cost 1.7x the forwards at 128, single thread); larger batches
+# overflow the caches with their activations, and memory grows with them.
+_CPU_BATCH_VALUES = 8 * 3 * 224 * 224
 
 
 class Curves(NamedTuple):
@@ -98,11 +99,11 @@ def steps(pixels: int, pixels_per_step: int | None) -> tuple[int, int]:
 
 
 def default_batch_size(x: Tensor) -> int:
-    """Images per forward pass when none is given: on the CPU as many as hold about 6 million input
-    values (at most 512; 8 images of 3x224x224), on an accelerator 64."""
+    """Images per forward pass when none is given: on the CPU as many as hold about 1.2 million input
+    values (8 of 3x224x224, 32 of 3x112x112), at most 128; on an accelerator 64."""
     if x.device.type != "cpu":
         return 64
-    return max(1, min(512, _CPU_BATCH_VALUES // x[0].numel()))
+    return max(1, min(128, _CPU_BATCH_VALUES // x[0].numel()))
 
 
 def _fill(value: float | Tensor, x: Tensor, what: str) -> Tensor:
