@@ -214,6 +214,34 @@ def test_torchscript_marks_hook_methods_not_available(assets: dict[str, Path], t
         assert shown.min() < 200  # and its text
 
 
+@pytest.mark.parametrize("size, window", [(53, 7), (6, 1)], ids=["a-seventh", "at-least-one-pixel"])
+def test_default_window_is_a_seventh_of_the_input_size(size: int, window: int, tmp_path: Path) -> None:
+    # 53 // 7 = 7, where an eighth (6), a sixth (8) or rounding (8) differ; 6 // 7 = 0 becomes 1.
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still supported
+        torch.jit.save(torch.jit.script(model), tmp_path / "tiny.ts")
+    pixels = torch.randint(0, 256, (size, size), generator=g, dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(tmp_path / "noise.png")
+    out = tmp_path / "out"
+    assert explain_cli(tmp_path / "noise.png", "--model", tmp_path / "tiny.ts", "--size", size,
+                       "--mean", 0.5, "--std", 0.25, "--out", out) == 0
+
+    preprocess = Preprocess(size, (0.5,), (0.25,))
+    x = read_image(tmp_path / "noise.png", preprocess)
+    image = denormalize(x, preprocess.mean, preprocess.std)[0]
+    expected = render_map("occlusion", occlusion(model, x, window=window)[0], image)
+    box = layout(size)[1][1 + METHODS.index("occlusion")]
+    shown = sample(decode(out / "noise.png"), box, size)
+    assert shown.std() > 10  # not blank
+    assert np.abs(shown - to_uint8(expected)).max() <= 2
+
+
 BAD_INPUT = {
     "non-image file": (["notes.jpg", "--model", "digits.pt"], "notes.jpg' is not an image file"),
     "truncated image": (["truncated.png", "--model", "digits.pt"], "cannot read image"),
