@@ -139,7 +139,7 @@ def test_photo_figure_shows_every_method(assets: dict[str, Path], tmp_path: Path
 
     figure = decode(out / "chelsea.png")
     shape, boxes = layout(64)
-    assert figure.shape == shape == (325, 1510, 3)
+    assert figure.shape == shape and shape[0] == 325 and shape[1] in (1509, 1510)  # 1509: matplotlib 3.7
     image = denormalize(x, IMAGENET_MEAN, IMAGENET_STD)[0]
     expected = {
         "saliency": saliency(model, x),
