@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -108,6 +109,11 @@ def paired(
     return Timing(tuple(measured), tuple(floors))
 
 
+def _start_ns(event: Any) -> int:
+    """A profiler event's start time; torch < 2.3 only has ``start_us``."""
+    return int(event.start_ns()) if hasattr(event, "start_ns") else 1000 * int(event.start_us())
+
+
 def peak_bytes(run: Run, device: torch.device) -> int:
     """Peak bytes of tensor memory that one call of ``run`` allocates above what was live before.
 
@@ -127,7 +133,7 @@ def peak_bytes(run: Run, device: torch.device) -> int:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = sorted(
-        (event.start_ns(), event.nbytes())
+        (_start_ns(event), event.nbytes())
         for event in prof.profiler.kineto_results.events()
         if event.name() == "[memory]" and event.device_type() == torch._C._autograd.DeviceType.CPU
     )

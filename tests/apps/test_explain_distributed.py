@@ -97,7 +97,8 @@ def test_two_ranks_explain_every_file_exactly_once(digits: tuple[Path, Path], tm
         assert float(row["score"]) == pytest.approx(float(probs.max()), abs=1e-5)
         with Image.open(row["figure"]) as image:
             figure = np.asarray(image.convert("RGB"))
-        assert figure.shape == (405, 1510, 3) and figure.std() > 10
+        assert figure.shape[::2] == (405, 3) and figure.shape[1] in (1509, 1510)  # 1509: matplotlib 3.7
+        assert figure.std() > 10
 
 
 def test_a_bad_file_on_one_rank_stops_every_rank(digits: tuple[Path, Path], tmp_path: Path) -> None:

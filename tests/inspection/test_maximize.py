@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -223,6 +224,37 @@ def test_blur_and_fourier_also_raise_the_unit() -> None:
                      blur_every=blur_every)
         rise = unit_activations(model, unit, x) - start
         assert rise > 3 * noise_std, (param, rise, noise_std)
+
+
+def blur_by_hand(x: Tensor, sigma: float) -> Tensor:
+    """A Gaussian cut at ``ceil(2 sigma)`` pixels, mirrored at the borders, pixel by pixel."""
+    radius = max(1, math.ceil(2 * sigma))
+    taps = {d: math.exp(-d * d / (2 * sigma * sigma)) for d in range(-radius, radius + 1)}
+    norm = sum(taps.values()) ** 2
+    h, w = x.shape[-2:]
+
+    def mirror(i: int, n: int) -> int:
+        return -i if i < 0 else 2 * (n - 1) - i if i >= n else i
+
+    out = torch.zeros_like(x)
+    for i in range(h):
+        for j in range(w):
+            for a, ka in taps.items():
+                for b, kb in taps.items():
+                    out[..., i, j] += ka * kb / norm * x[..., mirror(i + a, h), mirror(j + b, w)]
+    return out
+
+
+def test_one_adam_step_then_blur_by_hand() -> None:
+    # Adam's first step moves every pixel by lr * g / (|g| + eps): bias-corrected, m = g and v = g*g.
+    # A linear unit's gradient is its weight row. Then the blur.
+    shape, lr, sigma = (2, 5, 6), 0.05, 0.8
+    model, weight = linear_model(shape)
+    start = maximize(model, Logit(1), shape=shape, steps=0)
+    got = maximize(model, Logit(1), shape=shape, steps=1, lr=lr, l2=0.0, tv=0.0, jitter=0, blur_every=1,
+                   blur_sigma=sigma)
+    stepped = start + lr * (weight[1] / (weight[1].abs() + 1e-8)).view(1, *shape)
+    torch.testing.assert_close(got, blur_by_hand(stepped, sigma), rtol=1e-6, atol=1e-9)
 
 
 # --- errors ------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -155,14 +154,14 @@ def _normalisation(
 
 
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Blur each channel of ``[B,C,H,W]`` with a Gaussian of ``sigma`` pixels (reflected borders)."""
-    radius = max(1, math.ceil(2 * sigma))
-    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-(taps**2) / (2 * sigma**2))
-    kernel = (k[:, None] * k[None, :]) / k.sum() ** 2
-    c = x.shape[1]
-    padded = F.pad(x, (radius,) * 4, mode="reflect")
-    return F.conv2d(padded, kernel.expand(c, 1, -1, -1), groups=c)
+    """Blur each channel of ``[B,C,H,W]`` with a Gaussian of ``sigma`` pixels, cut at 2 sigma
+    (reflected borders). Returns ``[B,C,H,W]``."""
+    # Imported here: torchvision is not needed by `import torchvis`, and importing it takes longer
+    # than importing torch (it loads torch._dynamo).
+    from torchvision.transforms.functional import gaussian_blur
+
+    side = 2 * max(1, math.ceil(2 * sigma)) + 1
+    return gaussian_blur(x, [side, side], [sigma, sigma])
 
 
 def _total_variation(x: Tensor) -> Tensor:
@@ -179,29 +178,6 @@ def _fourier_scale(h: int, w: int) -> Tensor:
     fx = torch.fft.rfftfreq(w).view(1, -1)
     freq = (fy**2 + fx**2).sqrt().clamp_min(1.0 / max(h, w))
     return 1.0 / freq
-
-
-class _Adam:
-    """Adam ascent on one tensor (Kingma & Ba, ICLR 2015), as ``torch.optim.Adam(maximize=True)``.
-
-    Written out because ``torch.optim`` imports ``torch._dynamo`` on first use (seconds), and a
-    step needs nothing but the gradient we already hold.
-    """
-
-    def __init__(self, param: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
-        self.m = torch.zeros_like(param)
-        self.v = torch.zeros_like(param)
-        self.t = 0
-
-    def ascend(self, grad: Tensor) -> None:
-        b1, b2 = self.betas
-        self.t += 1
-        self.m.lerp_(grad, 1 - b1)
-        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (self.v / (1 - b2**self.t)).sqrt_().add_(self.eps)
-        self.param.addcdiv_(self.m, denom, value=self.lr / (1 - b1**self.t))
 
 
 def maximize(
@@ -273,7 +249,9 @@ def maximize(
             return z
         return (torch.sigmoid(z) - bounds[0]) / bounds[1]
 
-    adam = _Adam(leaf, lr)
+    # The first Adam of a process imports torch._dynamo (seconds; benchmarks/first_use.py), which
+    # torchvision and any training loop with a torch.optim optimizer have already done.
+    adam = torch.optim.Adam([leaf], lr=lr, maximize=True)
     rows = torch.arange(len(listed), device=dev)
     with guarded(model, leaf):
         if steps == 0:  # still check the units against the model
@@ -290,10 +268,10 @@ def maximize(
             if tv:
                 objective = objective - tv * _total_variation(x)
             # autograd.grad on the image parameter alone: no weight gradient, no .grad of the model.
-            (grad,) = torch.autograd.grad(objective.sum(), [leaf])
-            with torch.no_grad():
-                adam.ascend(grad)
-                if blur_every and (step + 1) % blur_every == 0:
+            (leaf.grad,) = torch.autograd.grad(objective.sum(), [leaf])
+            adam.step()
+            if blur_every and (step + 1) % blur_every == 0:
+                with torch.no_grad():
                     leaf.copy_(_gaussian_blur(leaf, blur_sigma))
         with torch.no_grad():
             return render().detach()
