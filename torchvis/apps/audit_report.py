@@ -25,8 +25,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from torchvis.apps.audit import Merged
+from torchvis.rendering.figure import title_of
 
-MIN_RATIO = 2.0
+MIN_RATIO = 3.0
 MIN_EXCESS = 0.1
 REPORT = "report.md"
 
@@ -94,11 +95,11 @@ def class_means_figure(merged: Merged, grouping: str, names: Sequence[str], flag
             tile = tile.repeat(scale, axis=0).repeat(scale, axis=1)
             y, x = row * (tile_h + gap), c * (tile_w + gap)
             canvas[y : y + tile_h, x : x + tile_w] = tile
-    fig = Figure(figsize=(canvas.shape[1] / 60 + 1.2, canvas.shape[0] / 60 + 1.0), dpi=100)
+    inches = (canvas.shape[1] / 60, canvas.shape[0] / 60)  # the tiles at 60 pixels an inch
+    fig_w, fig_h = inches[0] + 1.8, inches[1] + 1.0  # a margin for row labels, one for titles
+    fig = Figure(figsize=(fig_w, fig_h), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.9 / (canvas.shape[1] / 60 + 1.2), 0.1 / (canvas.shape[0] / 60 + 1.0),
-                       (canvas.shape[1] / 60) / (canvas.shape[1] / 60 + 1.2),
-                       (canvas.shape[0] / 60) / (canvas.shape[0] / 60 + 1.0)))
+    ax = fig.add_axes((1.7 / fig_w, 0.1 / fig_h, inches[0] / fig_w, inches[1] / fig_h))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
     fig.suptitle(f"mean attribution mass by {grouping} class", fontsize=11)
@@ -106,7 +107,7 @@ def class_means_figure(merged: Merged, grouping: str, names: Sequence[str], flag
         ax.text(c * (tile_w + gap) + tile_w / 2, -gap, f"{names[c]}\n({int(merged.counts[grouping][c])})",
                 ha="center", va="bottom", fontsize=8)
     for row, key in enumerate(keys):
-        ax.text(-gap, row * (tile_h + gap) + tile_h / 2, key, ha="right", va="center", fontsize=8)
+        ax.text(-gap, row * (tile_h + gap) + tile_h / 2, title_of(key), ha="right", va="center", fontsize=9)
     masks = {region: np.nonzero(mask) for region, mask in region_masks(height, width).items()}
     for flag in flags:
         if flag.grouping != grouping or flag.method not in keys:

@@ -17,6 +17,7 @@ chart per metric in TensorBoard's Custom Scalars tab.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from torchvis.apps.digits import (
     DigitsData,
     evaluate,
     load_digits,
+    plant_shortcut,
     save_checkpoint,
     train_digits,
 )
@@ -58,6 +60,7 @@ OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
 GRAD_CAM_LAYER = "relu2"
 FEATURE_LAYERS = ("relu1", "relu2")  # what the next layer sees, as the tutorial shows them
 FEATURE_DIGIT = 3  # the class of the probe digit whose feature maps are logged
+SHORTCUT_PROBES = 8  # training images of the planted class logged under shortcut/ with --shortcut
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +79,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="optimisation steps for the inputs that maximise each logit (default: 128)")
     parser.add_argument("--no-metrics", action="store_true",
                         help="skip the deletion/insertion scores of each method (logged by default)")
+    parser.add_argument("--shortcut", type=int, default=None, metavar="DIGIT",
+                        help="the tank story: plant a white square in a corner of every training image of "
+                             "DIGIT, then audit the training set (see the README)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<time>)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and order")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
@@ -92,33 +98,51 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("torchvis demo: --epochs and --every must be at least 1")
     if args.maximize_steps < 0:
         raise SystemExit("torchvis demo: --maximize-steps must be at least 0")
+    if args.shortcut is not None and not 0 <= args.shortcut < len(CLASS_NAMES):
+        raise SystemExit(f"torchvis demo: --shortcut must be a digit 0..9, got {args.shortcut}")
     out = args.out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
 
     data = load_digits(seed=args.seed)
+    if args.shortcut is not None:
+        data = plant_shortcut(data, args.shortcut)
     probe = _one_per_class(data)
     model = DigitsCNN(generator=torch.Generator().manual_seed(args.seed)).to(device)
     steps_per_epoch = math.ceil(len(data.train_y) / 64)
     options: dict[str, Any] = {"window": OCCLUSION_WINDOW} if "occlusion" in methods else {}
 
     probe_x, probe_y = data.test_x[probe], data.test_y[probe]
-    with SummaryWriter(str(out)) as writer, Monitor(
-        model, writer, probe_x, probe_y, methods=methods, layer=args.layer,
-        every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES,
-        metrics=() if args.no_metrics else METRICS, **options,
-    ) as monitor:
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(SummaryWriter(str(out)))
+        monitor = stack.enter_context(Monitor(
+            model, writer, probe_x, probe_y, methods=methods, layer=args.layer,
+            every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES,
+            metrics=() if args.no_metrics else METRICS, **options,
+        ))
+        planted = None
+        if args.shortcut is not None:  # training images of the planted class, the square included
+            marked = torch.nonzero(data.train_y == args.shortcut)[:SHORTCUT_PROBES, 0]
+            planted = stack.enter_context(Monitor(
+                model, writer, data.train_x[marked], data.train_y[marked], methods=methods, layer=args.layer,
+                every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES,
+                prefix="shortcut", **options,
+            ))
         log_summary(writer, summary(model, (1, 28, 28)), tag="model/summary")
         log_graph(writer, model, probe_x[:1].to(device))
         watched = probe_x[FEATURE_DIGIT : FEATURE_DIGIT + 1].to(device)
 
         monitor.log(0)  # the untrained model, for comparison
         _log_insides(writer, model, watched, 0)
+        if planted is not None:
+            planted.log(0)
 
         def on_step(step: int, loss: float, _: torch.nn.Module) -> None:
             writer.add_scalar("train/loss", loss, step)
             if monitor.step(step):
                 _log_insides(writer, model, watched, step)
+            if planted is not None:
+                planted.step(step)
             if step % steps_per_epoch == 0:
                 writer.add_scalar("test/accuracy", evaluate(model, data.test_x, data.test_y), step)
 
@@ -130,9 +154,30 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(model, out / "model.pt")
     _save_panel(model, probe_x.to(device), probe_y, methods, args.layer, options, out / "panel.png")
     print(f"held-out accuracy: {accuracy:.2%} on {len(data.test_y)} digits")
+    if args.shortcut is not None:
+        _audit_shortcut(model, data, args.shortcut, methods, args.layer, options, out)
     print(f"run folder: {out}")
     print(f"open it:    tensorboard --logdir {out} --samples_per_plugin=images=1000")
     return 0
+
+
+def _audit_shortcut(model: torch.nn.Module, data: DigitsData, digit: int, methods: list[str], layer: str,
+                    options: dict[str, Any], out: Path) -> None:
+    """Print how the planted class fares on held-out digits (which lack the square), then audit the
+    training set and print the report's verdict."""
+    from torchvis.apps.audit import TensorData, audit
+
+    held_out = data.test_y == digit
+    mine = evaluate(model, data.test_x[held_out], data.test_y[held_out])
+    others = evaluate(model, data.test_x[~held_out], data.test_y[~held_out])
+    print(f"held-out accuracy on {digit}s (no square): {mine:.2%}; on the other digits: {others:.2%}")
+    gradient_methods = [m for m in methods if m != "occlusion"] or ["saliency"]
+    report = audit(model, TensorData(data.train_x, data.train_y), out / "audit", methods=gradient_methods,
+                   layer=layer, class_names=CLASS_NAMES, metrics=(), progress=False, **{
+                       k: v for k, v in options.items() if k != "window"})
+    assert report is not None
+    verdict = report.read_text().split("## Verdict", 1)[1].split("\n\n")[1]
+    print(f"audit of the {len(data.train_y)} training digits ({report}):\n{verdict}")
 
 
 def _log_insides(writer: SummaryWriter, model: torch.nn.Module, digit: torch.Tensor, step: int) -> None:
