@@ -34,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  torchrun --nproc_per_node=2 -m torchvis audit photos/ --model resnet18 --weights w.pt\n"
     )
     parser.add_argument("data", metavar="FOLDER", help="a folder with one subfolder of images per class")
-    add_model_options(parser)
+    add_model_options(parser, default_methods=DEFAULT_METHODS)
     add = parser.add_argument
     add("--out", default="audit", metavar="DIR", help="folder for shards, index, figures and report")
     add("--metrics", default=",".join(METRICS), metavar="M[,M]",

@@ -20,8 +20,6 @@ import argparse
 import csv
 import datetime
 import functools
-import importlib
-import importlib.util
 import io
 import os
 import sys
@@ -50,6 +48,7 @@ from torchvis.apps.loading import (
     read_class_names,
     read_image,
 )
+from torchvis.apps.model_options import add_model_options, chosen_methods, import_plugin, preprocess_for
 from torchvis.core.forward import checked_logits, guarded
 from torchvis.core.passes import gradient_pass
 from torchvis.methods.combine import explain
@@ -86,35 +85,11 @@ def add_input_options(parser: argparse.ArgumentParser, *, out_default: str, out_
     sanity`` shares; :func:`prepare` checks them all."""
     add = parser.add_argument
     add("inputs", nargs="+", metavar="INPUT", help="image files, or folders searched recursively for images")
-    add("--model", required=True, metavar="MODEL",
-        help="a torchvision architecture name (e.g. resnet18; needs --weights), a TorchScript file, "
-             "or a checkpoint written by `torchvis demo`")
-    add("--weights", metavar="FILE", help="state dict for the architecture (read with weights_only=True)")
-    add("--num-classes", type=int, metavar="N", help="outputs of the architecture (default 1000)")
-    add("--methods", metavar="M[,M...]",
-        help=f"comma-separated registered methods, one panel each (default: {','.join(DEFAULT_METHODS)})")
-    add("--import", dest="imports", action="append", default=[], metavar="MODULE",
-        help="a Python file or module to import first, e.g. one that calls torchvis.register (repeatable)")
-    add("--layer", metavar="NAME",
-        help="layer of Grad-CAM and the other layer methods, a dotted module name "
-             "(default: the last spatial one)")
+    add_model_options(parser, default_methods=DEFAULT_METHODS)
     add("--target", type=int, metavar="N", help="class to explain (default: the predicted class)")
-    add("--window", type=int, metavar="N", help="occlusion window in pixels (default: size // 7)")
-    add("--size", type=int, metavar="N", help="input side after resize and centre crop (default 224)")
-    add("--mean", type=_floats, metavar="M[,M,M]", help="per-channel input mean (default: ImageNet's)")
-    add("--std", type=_floats, metavar="S[,S,S]", help="per-channel input std (default: ImageNet's)")
-    add("--classes", metavar="FILE", help="class names, one per line")
     add("--out", default=out_default, metavar="DIR",
         help=f"folder for {out_help} (default: {out_default})")
-    add("--device", help="torch device (default: cuda:LOCAL_RANK if available, else cpu)")
     add("--no-progress", action="store_true", help="no progress bar")
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -248,15 +223,15 @@ def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Jo
             return None
 
     for plugin in args.imports:
-        attempt(functools.partial(_import_plugin, plugin))
-    methods = attempt(lambda: _methods(args.methods))
+        attempt(functools.partial(import_plugin, plugin))
+    methods = attempt(lambda: chosen_methods(args.methods, DEFAULT_METHODS))
     attempt(lambda: check_output_folder(out, "--out"))
     if getattr(args, "tensorboard", None) is not None:
         attempt(lambda: check_output_folder(Path(args.tensorboard), "--tensorboard"))
     names_file = attempt(lambda: read_class_names(args.classes)) if args.classes is not None else None
     loaded = attempt(lambda: load_model(args.model, weights=args.weights, num_classes=args.num_classes,
                                         device=device))
-    preprocess = attempt(lambda: _preprocess(loaded, args)) if loaded is not None else None
+    preprocess = attempt(lambda: preprocess_for(loaded, args)) if loaded is not None else None
     if loaded is not None and loaded.kind is ModelKind.TORCHSCRIPT and args.layer is not None:
         problems.append("--layer needs module hooks, which TorchScript models do not support")
     mine = attempt(lambda: _check_inputs(args.inputs, out, world, preprocess))
@@ -289,30 +264,8 @@ def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Jo
     return Job(loaded, preprocess, mine, out, device, layer, args.target, window, names, methods)
 
 
-def _import_plugin(name: str) -> None:
-    """Import a ``.py`` file or a module by name (where users register their own methods)."""
-    try:
-        if name.endswith(".py") or os.sep in name:
-            spec = importlib.util.spec_from_file_location(f"torchvis_plugin_{Path(name).stem}", name)
-            if spec is None or spec.loader is None or not Path(name).is_file():
-                raise FileNotFoundError(f"no such file: {name}")
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            importlib.import_module(name)
-    except Exception as err:
-        raise InputError(f"--import {name!r}: {type(err).__name__}: {err}") from err
 
 
-def _methods(text: str | None) -> tuple[str, ...]:
-    """The ``--methods`` list, each a registered name; :data:`DEFAULT_METHODS` when not given."""
-    if text is None:
-        return DEFAULT_METHODS
-    methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
-    unknown = [m for m in methods if m not in SPECS]
-    if unknown or not methods:
-        raise InputError(f"--methods: unknown method(s) {unknown}; known: {', '.join(SPECS)}")
-    return methods
 
 
 def _check_inputs(
@@ -359,13 +312,6 @@ def check_output_folder(folder: Path, flag: str) -> None:
         ) from err
 
 
-def _preprocess(loaded: LoadedModel, args: argparse.Namespace) -> Preprocess:
-    default = loaded.preprocess
-    if loaded.kind is ModelKind.DIGITS and args.size not in (None, default.size):
-        raise InputError(f"the digits model takes {default.size}x{default.size} inputs; drop --size")
-    mean = default.mean if args.mean is None else tuple(args.mean)
-    std = default.std if args.std is None else tuple(args.std)
-    return Preprocess(default.size if args.size is None else args.size, mean, std)
 
 
 def _check_layer(model: nn.Module, probe: Tensor, layer: str | None) -> str:

@@ -13,16 +13,17 @@ from torchvis.apps.loading import InputError, LoadedModel, ModelKind, Preprocess
 from torchvis.methods.spec import SPECS
 
 
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--weights``, ``--num-classes``, ``--size``, ``--mean``, ``--std``, ``--classes``,
-    ``--methods``, ``--import``, ``--layer``, ``--window``, ``--device``."""
+def add_model_options(parser: argparse.ArgumentParser, *, default_methods: tuple[str, ...]) -> None:
+    """``--model``, ``--weights``, ``--num-classes``, ``--methods``, ``--import``, ``--layer``,
+    ``--window``, ``--size``, ``--mean``, ``--std``, ``--classes``, ``--device``."""
     add = parser.add_argument
     add("--model", required=True, metavar="MODEL",
         help="a torchvision architecture name (e.g. resnet18; needs --weights), a TorchScript file, "
              "or a checkpoint written by `torchvis demo`")
     add("--weights", metavar="FILE", help="state dict for the architecture (read with weights_only=True)")
     add("--num-classes", type=int, metavar="N", help="outputs of the architecture (default 1000)")
-    add("--methods", metavar="M[,M...]", help="comma-separated methods (default: every registered method)")
+    add("--methods", metavar="M[,M...]",
+        help=f"comma-separated registered methods (default: {','.join(default_methods)})")
     add("--import", dest="imports", action="append", default=[], metavar="MODULE",
         help="a Python file or module to import first, e.g. one that calls torchvis.register (repeatable)")
     add("--layer", metavar="NAME",
@@ -68,11 +69,10 @@ def import_plugin(name: str) -> None:
         raise InputError(f"--import {name!r}: {type(err).__name__}: {err}") from err
 
 
-def chosen_methods(text: str | None, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
-    """The ``--methods`` list, each a registered name; ``default`` (every registered method when
-    ``None``) when not given."""
+def chosen_methods(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``--methods`` list, each a registered name; ``default`` when not given."""
     if text is None:
-        return default if default is not None else tuple(SPECS)
+        return default
     methods = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in SPECS]
     if unknown or not methods:
