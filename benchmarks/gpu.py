@@ -4,7 +4,7 @@
     bash benchmarks/gpu.sh --dry-run --results /tmp/R.md   # on the CPU: tiny sizes, 2 iterations
 
 Grid: resnet18, resnet50, vgg16 and ViT-B/16 at batch 1 and 64; fp32, bf16 autocast, and bf16 with
-the model and input in channels-last; every registered method (``torchvis.methods.combine.METHODS``)
+the model and input in channels-last; every registered method (``torchvis.METHODS``)
 and ``explain``; occlusion both naive and incremental; then the Monitor's logging step on the digits
 CNN. Each cell: median of ``--repeats`` calls after one warm-up, timed by ``benchmarks.timing``
 (CUDA events, the host waiting only after the end event), and the peak of
@@ -99,20 +99,25 @@ def method_runs(
     model: nn.Module, x: Tensor, layer: str, window: int, stride: int
 ) -> dict[str, Callable[[], object]]:
     """Every registered method (options it needs filled in), explain, and occlusion naive/incremental."""
-    from torchvis.methods.combine import METHODS, explain
+    from torchvis.methods import METHODS, SPECS, explain
 
-    options: dict[str, dict[str, Any]] = {
-        "grad_cam": {"layer": layer},
-        "guided_grad_cam": {"layer": layer},
-        "occlusion": {"window": window, "stride": stride, "incremental": True},
-    }
+    def options(name: str) -> dict[str, Any]:
+        """What each registered method needs, from its spec: the layer, occlusion's window."""
+        spec = SPECS[name]
+        kw: dict[str, Any] = {"layer": layer} if spec.takes_layer else {}
+        if "window" in spec.options:
+            kw.update(window=window, stride=stride)
+        if "incremental" in spec.options:
+            kw["incremental"] = True
+        return kw
+
     def call(method: Callable[..., Tensor], kw: dict[str, Any]) -> Callable[[], object]:
         return lambda: method(model, x, **kw)
 
     runs: dict[str, Callable[[], object]] = {}
     for name, method in METHODS.items():
         label = "occlusion incremental" if name == "occlusion" else name
-        runs[label] = call(method, options.get(name, {}))
+        runs[label] = call(method, options(name))
     runs["occlusion naive"] = lambda: METHODS["occlusion"](
         model, x, window=window, stride=stride, incremental=False
     )
