@@ -288,6 +288,9 @@ def test_mode_change_in_another_thread_fails_the_call_and_stays() -> None:
     rendezvous.barrier = threading.Barrier(2)
     x = inputs(1)[0]
 
+    switched = threading.Event()
+    rendezvous.pause = lambda: (switched.wait(timeout=TIMEOUT), None)[1]  # until the switch is done
+
     def explaining() -> Tensor:
         rendezvous.arm()
         return saliency(model, x)
@@ -295,6 +298,7 @@ def test_mode_change_in_another_thread_fails_the_call_and_stays() -> None:
     def switching() -> None:
         rendezvous.barrier.wait(timeout=TIMEOUT)  # type: ignore[union-attr]
         model.train()
+        switched.set()
 
     got, _ = run_threads([explaining, switching])
     assert isinstance(got, ConcurrentUseError) and "changed in another thread" in str(got)

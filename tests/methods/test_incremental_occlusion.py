@@ -167,9 +167,9 @@ def test_the_debug_log_names_the_first_global_op(
         occlusion(model, x, window=5, incremental=True)
     assert "occlusion: incremental, full forwards from node 'head_0'" in caplog.text
     caplog.clear()
-    # By default a model this small runs naively: its few multiply-adds do not pay for the gathers.
+    # Automatically, a model this small runs naively: its few multiply-adds do not pay for the gathers.
     with caplog.at_level(logging.DEBUG, logger="torchvis"):
-        occlusion(model, x, window=5)
+        occlusion(model, x, window=5, incremental=None)
     assert "occlusion: naive, incremental would not gain enough" in caplog.text
     assert "M multiply-adds an image" in caplog.text
 
@@ -213,7 +213,7 @@ def test_an_unsuitable_model_runs_naively_and_says_why(
 ) -> None:
     model, x = build(0, make), randn(1, 2, 3, 8, 8)
     with caplog.at_level(logging.DEBUG, logger="torchvis"):
-        got = occlusion(model, x, window=3, stride=2)
+        got = occlusion(model, x, window=3, stride=2, incremental=None)
     assert "occlusion: naive, every occluded image whole" in caplog.text and why in caplog.text
     with torch.no_grad():
         predicted = model(x).argmax(dim=1)
@@ -236,7 +236,7 @@ def test_auto_skips_a_model_without_local_layers_and_forced_still_agrees(
     model = build(0, lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 3)))
     x = randn(2, 2, 3, 4, 4)
     with caplog.at_level(logging.DEBUG, logger="torchvis"):
-        auto = occlusion(model, x, window=2, stride=1)
+        auto = occlusion(model, x, window=2, stride=1, incremental=None)
     assert "occlusion: naive, incremental would not gain enough" in caplog.text
     forced = occlusion(model, x, window=2, stride=1, incremental=True)
     torch.testing.assert_close(forced, auto, rtol=1e-12, atol=1e-13)
@@ -373,3 +373,13 @@ def test_incremental_on_cuda_matches_the_cpu(randn: Callable[..., Tensor]) -> No
     cpu = occlusion(model, x, [1, 3], window=(5, 4), stride=(3, 3), incremental=True)
     cuda = occlusion(model.cuda(), x.cuda(), [1, 3], window=(5, 4), stride=(3, 3), incremental=True)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-9, atol=1e-11)
+
+
+def test_the_default_is_naive_so_no_trace_reaches_other_threads(
+    caplog: pytest.LogCaptureFixture, randn: Callable[..., Tensor]
+) -> None:
+    """Tracing patches nn.Module.__call__ process-wide, so the default never traces."""
+    model, x = build(0, ResidualNet), randn(0, 1, 3, 23, 19)
+    with caplog.at_level(logging.DEBUG, logger="torchvis"):
+        occlusion(model, x, window=5)
+    assert "occlusion: naive, incremental=False" in caplog.text

@@ -82,7 +82,7 @@ def occlusion(
     batch_size: int | None = None,
     progress: bool = False,
     eval_mode: bool = True,
-    incremental: bool | None = None,
+    incremental: bool | None = False,
 ) -> Tensor:
     """Occlusion sensitivity map. Returns ``[B,1,H,W]``.
 
@@ -96,14 +96,15 @@ def occlusion(
 
     ``incremental`` (Krypton: Nakandala et al., SIGMOD 2019) reuses the clean image's activations and
     recomputes, per window, only the patch of each layer that its change can reach, up to the first
-    layer that mixes globally; the map is the same up to float rounding. ``None`` (default) uses it
-    when the model traces with ``torch.fx``, the estimated work is at most half the naive path's and
-    the model is large enough for that to pay (:func:`~torchvis.methods.incremental_occlusion.gains`);
-    ``True`` requires it (``ValueError`` saying why it cannot be used); ``False`` runs every occluded
-    image whole. The ``torchvis`` logger says at DEBUG level which path ran. The incremental path
-    replays the traced graph, so Python code in ``forward`` and hooks of modules outside ``torch.nn``
-    do not run per window; tracing patches ``nn.Module.__call__`` process-wide for its few
-    milliseconds. Pass ``False`` when either matters (other threads running models, say).
+    layer that mixes globally; the map is the same up to float rounding. ``True`` requires it
+    (``ValueError`` saying why it cannot be used); ``None`` uses it when the model traces with
+    ``torch.fx``, the estimated work is at most half the naive path's and the model is large enough
+    for that to pay (:func:`~torchvis.methods.incremental_occlusion.gains`); ``False`` (the default)
+    runs every occluded image whole. It is opt-in because tracing patches ``nn.Module.__call__``
+    process-wide for its few milliseconds, which would reach a model another thread runs at that
+    moment (a training loop, say), and because the incremental path replays the traced graph, so
+    Python code in ``forward`` and hooks of modules outside ``torch.nn`` do not run per window. The
+    ``torchvis`` logger says at DEBUG level which path ran.
     """
     check_input(x)
     batch, _, height, width = x.shape
@@ -172,6 +173,7 @@ def _engine(
     """The incremental engine when it is required or (``None``) expected to gain, and the clean
     logits if the attempt computed them."""
     if incremental is False:
+        log.debug("occlusion: naive, incremental=False (pass True or None to trace the model)")
         return None, None
     built = inc.build(model, x, fill, windows, window)
     if isinstance(built, str):
