@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from torchvis.inspection.conv_filters import log_filters
 from torchvis.inspection.features import log_feature_maps
 from torchvis.inspection.model_summary import log_summary, summary
 from torchvis.methods import METHODS, explain
+from torchvis.methods.cam import EmptyMapWarning
 from torchvis.rendering import image
 from torchvis.rendering.figure import explanation_figure, figure_rgb
 from torchvis.tracking.monitor import Monitor
@@ -114,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
     probe_x, probe_y = data.test_x[probe], data.test_y[probe]
     with contextlib.ExitStack() as stack:
+        # Empty-map warnings are true, but one per logging step would bury the demo's output: they
+        # are counted and summarised once at the end instead.
+        empty = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("always", EmptyMapWarning)
         writer = stack.enter_context(SummaryWriter(str(out)))
         monitor = stack.enter_context(Monitor(
             model, writer, probe_x, probe_y, methods=methods, layer=args.layer,
@@ -151,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
         accuracy = evaluate(model, data.test_x, data.test_y)
         _log_maximized(writer, model, args.epochs * steps_per_epoch, args.seed, args.maximize_steps)
 
+    _summarise_empty_maps([w for w in empty if issubclass(w.category, EmptyMapWarning)], args.layer)
+    for other in (w for w in empty if not issubclass(w.category, EmptyMapWarning)):
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     save_checkpoint(model, out / "model.pt")
     _save_panel(model, probe_x.to(device), probe_y, methods, args.layer, options, out / "panel.png")
     print(f"held-out accuracy: {accuracy:.2%} on {len(data.test_y)} digits")
@@ -178,6 +187,14 @@ def _audit_shortcut(model: torch.nn.Module, data: DigitsData, digit: int, method
     assert report is not None
     verdict = report.read_text().split("## Verdict", 1)[1].split("\n\n")[1]
     print(f"audit of the {len(data.train_y)} training digits ({report}):\n{verdict}")
+
+
+def _summarise_empty_maps(caught: list[warnings.WarningMessage], layer: str) -> None:
+    """One line for the empty-map warnings of the whole run, instead of one per logging step."""
+    if caught:
+        print(f"note: {len(caught)} logging steps drew a map that is empty (all zero or constant) for "
+              f"some probe digits, e.g. Grad-CAM at {layer!r} early in training; the README's \"Which "
+              "layer Grad-CAM wants\" explains when that means the layer is wrong")
 
 
 def _log_insides(writer: SummaryWriter, model: torch.nn.Module, digit: torch.Tensor, step: int) -> None:
