@@ -183,3 +183,16 @@ def test_maps_are_stored_in_float16_unless_a_value_overflows_it() -> None:
     small = torch.tensor([[1.0, -65504.0]])
     assert _compact(small).dtype == np.float16 and _compact(small).tolist() == [[1.0, -65504.0]]
     assert _compact(torch.tensor([[1.0, -70000.0]])).dtype == np.float32
+
+
+def test_a_figure_shows_at_most_max_shown_classes_flagged_first() -> None:
+    from torchvis.apps.audit_report import MAX_SHOWN, Flag, shown_classes
+
+    counts = np.zeros(1000, dtype=np.int64)
+    counts[:60] = np.arange(60) + 10  # 60 classes present, more images for higher indices
+    counts[3] = 1  # the fewest images, but flagged
+    flags = [Flag("saliency", "true", 3, "border", 0.5, 0.1)]
+    shown = shown_classes(counts, flags, "true")
+    assert len(shown) == MAX_SHOWN and shown == sorted(shown) and 3 in shown
+    assert set(shown) - {3} == set(range(60 - MAX_SHOWN + 1, 60))  # then the most frequent
+    assert shown_classes(counts[:10], [], "true") == list(range(10))

@@ -361,10 +361,11 @@ def merge(out: Path, shards: int, class_names: Sequence[str] | None) -> Merged:
         size = _image_size(arrays, keys)
         for key in keys:
             maps = torch.from_numpy(arrays[f"map:{key}"].astype(np.float32))
-            weights = mass(maps, torch.empty(maps.shape[0], 1, *size)).double().numpy()
+            weights = mass(maps, torch.empty(maps.shape[0], 1, *size)).numpy()
             empty[key] = empty.get(key, 0) + int((weights.sum(axis=(1, 2)) == 0).sum())
             for name, grouping in GROUPINGS.items():
-                np.add.at(sums.setdefault((key, name), np.zeros((classes, *size))), arrays[grouping], weights)
+                total = sums.setdefault((key, name), np.zeros((classes, *size), dtype=np.float32))
+                np.add.at(total, arrays[grouping], weights.astype(np.float32))
         for name, grouping in GROUPINGS.items():
             counts[name] = counts.get(name, 0) + np.bincount(arrays[grouping], minlength=classes)
     means = {(key, name): total / np.maximum(counts[name], 1)[:, None, None]

@@ -29,6 +29,7 @@ from torchvis.rendering.figure import title_of
 
 MIN_RATIO = 3.0
 MIN_EXCESS = 0.1
+MAX_SHOWN = 40  # classes a figure shows at most (an ImageNet model has 1,000)
 REPORT = "report.md"
 
 
@@ -77,23 +78,39 @@ def suspicious(means: np.ndarray, counts: np.ndarray, method: str, grouping: str
     return flags
 
 
+def shown_classes(counts: np.ndarray, flags: Sequence[Flag], grouping: str) -> list[int]:
+    """The classes a figure shows, in class order: those with images, at most :data:`MAX_SHOWN` —
+    every flagged class, then the ones with the most images."""
+    present = [int(c) for c in np.flatnonzero(counts > 0)]
+    if len(present) <= MAX_SHOWN:
+        return present
+    flagged = {f.label for f in flags if f.grouping == grouping}
+    ranked = sorted(present, key=lambda c: (c not in flagged, -int(counts[c]), c))
+    return sorted(ranked[:MAX_SHOWN])
+
+
 def class_means_figure(merged: Merged, grouping: str, names: Sequence[str], flags: Sequence[Flag]) -> Figure:
-    """Rows = methods, columns = classes: each class mean (``inferno``, scaled per tile, enlarged to at
-    least 64 pixels), titled with the class and its image count; a flagged region is outlined in cyan.
-    One image in one axes: a figure of hundreds of subplots would cost seconds per audit."""
-    keys, classes = merged.keys, len(names)
+    """Rows = methods, columns = classes (:func:`shown_classes`): each class mean (``inferno``, scaled
+    per tile, shown 64 to 128 pixels a side), titled with the class and its image count; a flagged
+    region is outlined in cyan. One image in one axes: a figure of hundreds of subplots would cost
+    seconds per audit."""
+    keys = merged.keys
+    shown = shown_classes(merged.counts[grouping], flags, grouping)
     height, width = merged.means[(keys[0], grouping)].shape[1:]
+    # Whole factors keep pixels square: enlarge small maps, take every step-th pixel of large ones.
     scale = max(1, -(-64 // min(height, width)))
-    tile_h, tile_w, gap = height * scale, width * scale, max(2, scale)
-    canvas = np.ones(((tile_h + gap) * len(keys), (tile_w + gap) * classes, 3))
+    step = max(1, min(height, width) // 128)
+    tile_h, tile_w = len(range(0, height, step)) * scale, len(range(0, width, step)) * scale
+    gap = max(2, scale)
+    canvas = np.ones(((tile_h + gap) * len(keys), (tile_w + gap) * max(1, len(shown)), 3))
     inferno = colormaps["inferno"]
     for row, key in enumerate(keys):
         means = merged.means[(key, grouping)]
-        for c in range(classes):
+        for col, c in enumerate(shown):
             top = means[c].max()
-            tile = inferno(means[c] / top if top > 0 else means[c])[..., :3]
+            tile = inferno(means[c] / top if top > 0 else means[c])[::step, ::step, :3]
             tile = tile.repeat(scale, axis=0).repeat(scale, axis=1)
-            y, x = row * (tile_h + gap), c * (tile_w + gap)
+            y, x = row * (tile_h + gap), col * (tile_w + gap)
             canvas[y : y + tile_h, x : x + tile_w] = tile
     inches = (canvas.shape[1] / 60, canvas.shape[0] / 60)  # the tiles at 60 pixels an inch
     fig_w, fig_h = inches[0] + 1.8, inches[1] + 1.0  # a margin for row labels, one for titles
@@ -102,19 +119,21 @@ def class_means_figure(merged: Merged, grouping: str, names: Sequence[str], flag
     ax = fig.add_axes((1.7 / fig_w, 0.1 / fig_h, inches[0] / fig_w, inches[1] / fig_h))
     ax.imshow(canvas, interpolation="nearest")
     ax.set_axis_off()
-    fig.suptitle(f"mean attribution mass by {grouping} class", fontsize=11)
-    for c in range(classes):
-        ax.text(c * (tile_w + gap) + tile_w / 2, -gap, f"{names[c]}\n({int(merged.counts[grouping][c])})",
+    present = int((merged.counts[grouping] > 0).sum())
+    extra = f" ({len(shown)} of {present} classes)" if len(shown) < present else ""
+    fig.suptitle(f"mean attribution mass by {grouping} class{extra}", fontsize=11)
+    for col, c in enumerate(shown):
+        ax.text(col * (tile_w + gap) + tile_w / 2, -gap, f"{names[c]}\n({int(merged.counts[grouping][c])})",
                 ha="center", va="bottom", fontsize=8)
     for row, key in enumerate(keys):
         ax.text(-gap, row * (tile_h + gap) + tile_h / 2, title_of(key), ha="right", va="center", fontsize=9)
-    masks = {region: np.nonzero(mask) for region, mask in region_masks(height, width).items()}
+    masks = {region: np.nonzero(mask[::step, ::step]) for region, mask in region_masks(height, width).items()}
     for flag in flags:
-        if flag.grouping != grouping or flag.method not in keys:
+        if flag.grouping != grouping or flag.method not in keys or flag.label not in shown:
             continue
         rows, cols = masks[flag.region]
         y0 = keys.index(flag.method) * (tile_h + gap) + rows.min() * scale
-        x0 = flag.label * (tile_w + gap) + cols.min() * scale
+        x0 = shown.index(flag.label) * (tile_w + gap) + cols.min() * scale
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), (cols.max() - cols.min() + 1) * scale,
                                (rows.max() - rows.min() + 1) * scale, fill=False, edgecolor="cyan", lw=1.5))
     return fig
