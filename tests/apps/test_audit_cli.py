@@ -85,7 +85,7 @@ BAD = {
     "no class subfolders": (lambda images, tmp: [images / "one"], "has no class subfolders"),
     "unreadable image": (lambda images, tmp: [_with_broken(images, tmp)], "is not an image file"),
     "output is a file": (lambda images, tmp: [images, "--out", _file(tmp)], "exists and is not a folder"),
-    "output under a file": (lambda images, tmp: [images, "--out", _file(tmp) / "sub"], "cannot be created"),
+    "output under a file": (lambda images, tmp: [images, "--out", _file(tmp) / "sub"], "a-file', a file"),
     "unknown method": (lambda images, tmp: [images, "--methods", "salincy"], "unknown method(s) ['salincy']"),
     "unknown metric": (lambda images, tmp: [images, "--metrics", "deletio"], "unknown ['deletio']"),
 }

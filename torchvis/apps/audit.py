@@ -22,6 +22,8 @@ atomically and skipped when it already exists, so an interrupted run resumes whe
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -34,10 +36,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from torchvis.apps.files import write_atomic
 from torchvis.apps.loading import InputError, Preprocess, find_images, open_image, read_image
 from torchvis.core.forward import checked_logits, guarded
 from torchvis.methods.combine import explain_batch, unique_specs
 from torchvis.metrics.faithfulness import deletion, importance, insertion
+from torchvis.tracking.tensorboard import model_device
 
 SHARDS = "shards"
 INDEX = "index.csv"
@@ -191,7 +195,7 @@ def audit(
     total = sum(min(shard_size, len(data) - k * shard_size) for k in mine)
     bar = tqdm(total=total, desc="audit", unit="image", disable=not progress or rank != 0)
     run = ShardRun(model, methods, layer, metrics, math.ceil(first.x[0].numel() / steps), options,
-                   torch.device(device) if device is not None else _device_of(model, first.x))
+                   torch.device(device) if device is not None else model_device(model) or first.x.device)
     try:
         for k in mine:
             indices = range(k * shard_size, min(len(data), (k + 1) * shard_size))
@@ -295,25 +299,13 @@ def _compact(maps: Tensor) -> np.ndarray:
     return values.half().numpy() if fits else values.numpy()
 
 
-def _device_of(model: nn.Module, x: Tensor) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return x.device
-
-
 def shard_path(out: Path, k: int) -> Path:
     return out / SHARDS / f"shard-{k:05d}.npz"
 
 
 def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an ``.npz`` through a hidden temporary file in the same folder, renamed into place."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Write an ``.npz`` atomically (:func:`~torchvis.apps.files.write_atomic`)."""
+    write_atomic(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
 
 
 def read_shards(out: Path, shards: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
@@ -385,17 +377,9 @@ def _image_size(arrays: dict[str, np.ndarray], keys: list[str]) -> tuple[int, in
 
 
 def _write_index(path: Path, rows: list[dict[str, Any]]) -> None:
-    import csv
-    import io
-
     columns = list(rows[0]) if rows else ["file", "label", "predicted", "probability", "shard", "row"]
     text = io.StringIO()
     table = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     table.writeheader()
     table.writerows(rows)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text.getvalue(), encoding="utf-8")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomic(path, lambda fh: fh.write(text.getvalue().encode("utf-8")))

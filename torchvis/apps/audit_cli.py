@@ -11,13 +11,13 @@ import argparse
 import datetime
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from torchvis.apps.audit import METRICS, FolderData, audit
+from torchvis.apps.files import check_output_folder
 from torchvis.apps.loading import InputError, ModelKind, load_model, read_class_names
 from torchvis.apps.model_options import add_model_options, chosen_methods, import_plugin, preprocess_for
 from torchvis.methods.spec import SPECS
@@ -102,7 +102,7 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             raise InputError(f"{name} must be at least 1, got {value}")
     for option, folder in (("--out", args.out), ("--tensorboard", args.tensorboard)):
         if folder is not None:
-            check_writable(option, Path(folder))
+            check_output_folder(Path(folder), option)
     loaded = load_model(args.model, weights=args.weights, num_classes=args.num_classes, device=device)
     preprocess = preprocess_for(loaded, args)
     data = FolderData.scan(args.data, preprocess)
@@ -131,20 +131,6 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             "names": names, "options": options}
 
 
-def check_writable(option: str, folder: Path) -> None:
-    """The folder (or, if it does not exist yet, its nearest existing parent) must take a new file."""
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"{option} {str(folder)!r} exists and is not a folder")
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"{option} {str(folder)!r} cannot be created: {str(probe)!r} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as err:
-        raise InputError(f"{option} {str(folder)!r} is not writable: {err}") from err
 
 
 def _log_figures(out: Path, logdir: str) -> None:

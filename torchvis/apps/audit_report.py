@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from torchvis.apps.audit import Merged
+from torchvis.apps.files import write_atomic
 from torchvis.rendering.figure import title_of
 
 MIN_RATIO = 3.0
@@ -140,10 +141,8 @@ def class_means_figure(merged: Merged, grouping: str, names: Sequence[str], flag
 
 
 def save_png(fig: Figure, path: Path) -> None:
-    """Save through a temporary file renamed into place."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    fig.savefig(temporary, format="png")
-    temporary.replace(path)
+    """Save atomically (:func:`~torchvis.apps.files.write_atomic`)."""
+    write_atomic(path, lambda fh: fig.savefig(fh, format="png"))
 
 
 def write_report(out: Path, merged: Merged, class_names: Sequence[str] | None) -> Path:
@@ -175,9 +174,7 @@ def write_report(out: Path, merged: Merged, class_names: Sequence[str] | None) -
         lines += [f"- {key}: {n} of {len(merged.rows)} maps are all zero" for key, n in empty.items()] + [""]
     lines += _outside_region(merged)
     path = out / REPORT
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    write_atomic(path, lambda fh: fh.write(("\n".join(lines) + "\n").encode("utf-8")))
     return path
 
 

@@ -23,7 +23,6 @@ import functools
 import io
 import os
 import sys
-import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from torchvis.apps.files import check_output_folder, write_atomic
 from torchvis.apps.loading import (
     ImageFile,
     InputError,
@@ -177,7 +177,7 @@ def _run(args: argparse.Namespace, world: World, device: torch.device) -> int:
         return 1
     if world.rank == 0:
         everything = sorted((row for part, _ in results for row in part), key=lambda row: Path(row["file"]))
-        _write_atomic(job.out / INDEX, lambda fh: _write_index(fh, everything))
+        write_atomic(job.out / INDEX, lambda fh: _write_index(fh, everything))
         n = len(everything)
         print(f"explained {n} image{'s' * (n != 1)} into {job.out}/ (index: {job.out / INDEX})")
     return 0
@@ -264,10 +264,6 @@ def _prepare(args: argparse.Namespace, world: World, device: torch.device) -> Jo
     return Job(loaded, preprocess, mine, out, device, layer, args.target, window, names, methods)
 
 
-
-
-
-
 def _check_inputs(
     inputs: Sequence[str], out: Path, world: World, preprocess: Preprocess | None
 ) -> list[ImageFile]:
@@ -290,28 +286,6 @@ def _check_inputs(
     if bad:
         raise InputError("\n".join(bad))
     return mine
-
-
-def check_output_folder(folder: Path, flag: str) -> None:
-    """Raise :class:`InputError` unless ``folder`` is, or can be created as, a folder we can write
-    into: the folder (or its nearest existing ancestor) must take a temporary file, written and
-    removed at once. Creates nothing that stays."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        what = "exists and is not a folder" if existing == folder else f"is inside {str(existing)!r}, a file"
-        raise InputError(f"{flag} {str(folder)!r} {what}")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        where = "" if existing == folder else f" (its nearest existing folder {str(existing)!r})"
-        raise InputError(
-            f"{flag} {str(folder)!r}{where} is not writable: {err.strerror or err}"
-        ) from err
-
-
 
 
 def _check_layer(model: nn.Module, probe: Tensor, layer: str | None) -> str:
@@ -400,7 +374,7 @@ def _explain_file(job: Job, item: ImageFile, writer: Any) -> dict[str, Any]:
     image = denormalize(x, pre.mean, pre.std).cpu()
     rgb = figure_rgb(explanation_figure(image, panels, title=title, labels=labels))
     figure = job.out / item.output
-    _write_atomic(figure, lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
+    write_atomic(figure, lambda fh: Image.fromarray(rgb).save(fh, format="PNG"))
     if writer is not None:
         writer.add_image(f"explain/{item.output.with_suffix('').as_posix()}", rgb, 0, dataformats="HWC")
     return {
@@ -411,18 +385,6 @@ def _explain_file(job: Job, item: ImageFile, writer: Any) -> dict[str, Any]:
         "target": target,
         "figure": str(figure),
     }
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through a hidden temporary file in the same folder and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as fh:
-            write(fh)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _write_index(fh: IO[bytes], rows: Sequence[dict[str, Any]]) -> None:

@@ -19,7 +19,8 @@ from typing import IO, Any
 import torch
 from PIL import Image
 
-from torchvis.apps.explain_cli import World, _device, _write_atomic, add_input_options, prepare
+from torchvis.apps.explain_cli import World, _device, add_input_options, prepare
+from torchvis.apps.files import write_atomic
 from torchvis.apps.loading import InputError, ModelKind, read_image
 from torchvis.core.hooks import resolve_layer
 from torchvis.methods.spec import SPECS
@@ -73,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
     pre = job.preprocess
     for i, item in enumerate(job.files):
         picture = Image.fromarray(figure_rgb(sanity_figure(result, example=i, mean=pre.mean, std=pre.std)))
-        _write_atomic(job.out / item.output, functools.partial(picture.save, format="PNG"))
-    _write_atomic(job.out / TABLE, lambda fh: _write_text(fh, str(result) + "\n"))
-    _write_atomic(job.out / CSV, lambda fh: _write_csv(fh, result))
+        write_atomic(job.out / item.output, functools.partial(picture.save, format="PNG"))
+    write_atomic(job.out / TABLE, lambda fh: _write_text(fh, str(result) + "\n"))
+    write_atomic(job.out / CSV, lambda fh: _write_csv(fh, result))
     print(result)
     print(f"wrote {len(job.files)} figure{'s' * (len(job.files) != 1)}, {TABLE} and {CSV} into {job.out}/")
     return 0
