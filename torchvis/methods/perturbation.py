@@ -1,59 +1,38 @@
-"""Occlusion sensitivity (Zeiler & Fergus, ECCV 2014)."""
+"""Occlusion sensitivity (Zeiler & Fergus, ECCV 2014) over inputs of any shape."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from torchvis.core.forward import (
-    Target,
-    check_finite,
-    check_input,
-    checked_logits,
-    guarded,
-    resolve_target,
-)
+from torchvis.core.forward import check_finite, guarded
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model
+from torchvis.core.targets import Resolved, Target, resolve_target, score_of, take_target
 from torchvis.methods import incremental_occlusion as inc
 from torchvis.methods.spec import Look, Need, register
+from torchvis.methods.windows import Grid, grids, spread, window_starts
+
+__all__ = ["default_batch_size", "occlusion", "window_starts"]
 
 log = logging.getLogger("torchvis")
 
 
-def window_starts(size: int, window: int, stride: int) -> list[int]:
-    """Start offsets along one axis: from 0 in steps of ``stride`` until a window reaches the far
-    edge; the last window may be cut off at the border, so every pixel is covered."""
-    starts = [0]
-    while starts[-1] + window < size:
-        starts.append(starts[-1] + stride)
-    return starts
-
-
-def _pair(value: int | tuple[int, int], what: str) -> tuple[int, int]:
-    # Anything but an int or a tuple/list (a float, say) fails the length check below.
-    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
-    if isinstance(value, int):
-        pair = (value, value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{what} must be an int or a pair of ints; got {value!r}")
-    return pair[0], pair[1]
-
-
 def _occlude(
-    images: Tensor, fill: Tensor, windows: list[tuple[int, int]], lo: int, batch: int, size: tuple[int, int]
+    images: Tensor, fill: Tensor, grid: Grid, positions: list[tuple[int, ...]], lo: int, batch: int
 ) -> None:
     """Set the windows of flat indices ``lo .. lo+len(images)`` to the baseline, in place; one slice
     assignment per window, since a window's examples are consecutive."""
-    wh, ww = size
     k, hi = lo, lo + images.shape[0]
     while k < hi:
         index, first = divmod(k, batch)
         stop = min(hi, (index + 1) * batch)
-        i, j = windows[index]
+        box = grid.box(positions[index])
         rows, src = slice(k - lo, stop - lo), slice(first, first + stop - k)
-        images[rows, :, i : i + wh, j : j + ww] = fill[src, :, i : i + wh, j : j + ww]
+        images[(rows,) + box] = fill[(src,) + box]
         k = stop
 
 
@@ -63,119 +42,212 @@ def _occlude(
 _CPU_BATCH_VALUES = 8 * 3 * 224 * 224
 
 
-def default_batch_size(x: Tensor) -> int:
-    """Occluded images per forward pass when none is given: on the CPU as many as hold about 1.2
-    million input values (8 of 3x224x224, 32 of 3x112x112, at most 64); on an accelerator 32."""
-    if x.device.type != "cpu":
+def default_batch_size(x: InputLike) -> int:
+    """Occluded inputs per forward pass when none is given: on the CPU as many as hold about 1.2
+    million input values (8 images of 3x224x224, 32 of 3x112x112, at most 64; the values of every
+    input of a tuple counted); on an accelerator 32."""
+    tensors = x if isinstance(x, tuple) else (x,)
+    if tensors[0].device.type != "cpu":
         return 32
-    return max(1, min(64, _CPU_BATCH_VALUES // x[0].numel()))
+    return max(1, min(64, _CPU_BATCH_VALUES // sum(t[0].numel() for t in tensors)))
+
+
+Baseline = float | Tensor | tuple[float | Tensor, ...]
 
 
 def occlusion(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
-    window: int | tuple[int, int],
-    stride: int | tuple[int, int] | None = None,
-    baseline: float | Tensor = 0.0,
+    window: Any,
+    stride: Any = None,
+    baseline: Baseline = 0.0,
     batch_size: int | None = None,
     progress: bool = False,
     eval_mode: bool = True,
     incremental: bool | None = False,
-) -> Tensor:
-    """Occlusion sensitivity map. Returns ``[B,1,H,W]``.
+    forward_args: Any = None,
+    forward_kwargs: dict[str, Any] | None = None,
+) -> InputLike:
+    """Occlusion sensitivity map. Returns ``[B,1,H,W]`` for an image and an ``int`` or ``(h, w)``
+    window; in general one map per input (the structure of ``x``), shaped like the input for a
+    window with one size per dimension and with one channel for a window over the dimensions after
+    the channels (:mod:`torchvis.methods.windows`).
 
-    Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014. A window of
-    ``window`` pixels (all channels) slides from the top-left corner with ``stride`` (default: half
-    the window, at least 1); a pixel's value is the mean, over the windows covering it, of
-    ``score(x) - score(x with the window set to baseline)``. ``baseline`` is a number or a tensor
-    broadcastable to ``x``. Forward passes only, under ``torch.inference_mode``; ``batch_size`` caps
-    the occluded images per forward pass (memory), mixing windows and examples. ``None`` chooses it
-    with :func:`default_batch_size`.
+    Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014. A window
+    slides over each input from its first corner with ``stride`` (default: half the window, at least
+    1); an element's value is the mean, over the windows covering it, of ``score(x) - score(x with
+    the window set to baseline)``, the other inputs of a tuple left as they are.
+
+    ``window``: an ``int`` ``k`` is ``k x k`` pixels over all channels of an image ``[B,C,H,W]``,
+    ``k`` time steps over all channels of a signal ``[B,C,L]``, a ``k^3`` cube over all channels of a
+    volume ``[B,C,D,H,W]``, ``k`` consecutive features of ``[B,N]``; a tuple gives one size per
+    dimension after the channels (all channels occluded together: the map has one channel) or one
+    per non-batch dimension (Captum's ``sliding_window_shapes``: the map has the input's shape). For
+    a tuple ``x``, one window per input (``window=((2, 2), 3)``; an ``int`` for all); ``stride``
+    likewise (an ``int``, or as many sizes as the window). A window that covers a whole dimension
+    runs once along it whatever the stride. ``baseline``: a number, a tensor broadcastable to the
+    input, or for a tuple ``x`` one of those per input.
+
+    ``model`` may be any callable; ``forward_args``/``forward_kwargs`` go to it unchanged, their
+    per-example tensors (first dimension ``B``) taken at each occluded row's example
+    (:mod:`torchvis.core.inputs`). ``target`` may be a callable scoring each row of the output
+    (:mod:`torchvis.core.targets`). Forward passes only, under ``torch.inference_mode``;
+    ``batch_size`` caps the occluded inputs per forward pass (memory), mixing windows and examples;
+    ``None`` chooses it with :func:`default_batch_size`.
 
     ``incremental`` (Krypton: Nakandala et al., SIGMOD 2019) reuses the clean image's activations and
     recomputes, per window, only the patch of each layer that its change can reach, up to the first
-    layer that mixes globally; the map is the same up to float rounding. ``True`` requires it
-    (``ValueError`` saying why it cannot be used); ``None`` uses it when the model traces with
-    ``torch.fx``, the estimated work is at most half the naive path's and the model is large enough
-    for that to pay (:func:`~torchvis.methods.incremental_occlusion.gains`); ``False`` (the default)
-    runs every occluded image whole. It is opt-in because tracing patches ``nn.Module.__call__``
-    process-wide for its few milliseconds, which would reach a model another thread runs at that
-    moment (a training loop, say), and because the incremental path replays the traced graph, so
-    Python code in ``forward`` and hooks of modules outside ``torch.nn`` do not run per window. The
-    ``torchvis`` logger says at DEBUG level which path ran.
+    layer that mixes globally; the map is the same up to float rounding. It serves one image input
+    ``[B,C,H,W]`` of an ``nn.Module`` without forward arguments and a window over height and width.
+    ``True`` requires it (``ValueError`` saying why it cannot be used); ``None`` uses it when the
+    model traces with ``torch.fx``, the estimated work is at most half the naive path's and the model
+    is large enough for that to pay (:func:`~torchvis.methods.incremental_occlusion.gains`); ``False``
+    (the default) runs every occluded image whole. It is opt-in because tracing patches
+    ``nn.Module.__call__`` process-wide for its few milliseconds, which would reach a model another
+    thread runs at that moment (a training loop, say), and because the incremental path replays the
+    traced graph, so Python code in ``forward`` and hooks of modules outside ``torch.nn`` do not run
+    per window. The ``torchvis`` logger says at DEBUG level which path ran.
     """
-    check_input(x)
-    batch, _, height, width = x.shape
-    wh, ww = _pair(window, "window")
-    sh, sw = _pair(stride, "stride") if stride is not None else (max(1, wh // 2), max(1, ww // 2))
-    if not (0 < wh <= height and 0 < ww <= width):
-        raise ValueError(f"window {(wh, ww)} must be positive and fit the image {(height, width)}")
-    if sh <= 0 or sw <= 0:
-        raise ValueError(f"stride must be positive; got {(sh, sw)}")
-    if sh > wh or sw > ww:
-        raise ValueError(f"stride {(sh, sw)} larger than the window {(wh, ww)} would skip pixels")
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    check_model(model)
+    batch = inputs.batch
+    layout = grids([tuple(t.shape[1:]) for t in inputs.tensors], inputs.was_tuple, window, stride)
+    fills = _fills(baseline, inputs)
     if batch_size is None:
-        batch_size = default_batch_size(x)
-    if batch_size < 1:
+        batch_size = default_batch_size(inputs.tensors)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    # A number becomes a device tensor through a fill kernel: a copy from the host would wait for the GPU.
-    fill = (
-        torch.full((), baseline, dtype=x.dtype, device=x.device)
-        if isinstance(baseline, (int, float))
-        else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
-    ).expand_as(x)
-    windows = [(i, j) for i in window_starts(height, wh, sh) for j in window_starts(width, ww, sw)]
+    unsuited = _why_not_incremental(model, inputs, layout[0])
+    if incremental and unsuited:
+        raise ValueError(f"incremental occlusion cannot run here: {unsuited}")
+    first = inputs.first
 
-    with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode():
-        engine, out = _engine(model, x, fill, windows, (wh, ww), incremental)
-        # A model may change its input in place.
-        logits = checked_logits(model(x.clone()) if out is None else out, batch)
-        check_finite(logits)
-        t = resolve_target(target, logits)
-        clean = logits.gather(1, t[:, None])[:, 0]
-        # Flat index k = window * batch + example: a forward batch holds consecutive windows,
-        # each for a contiguous run of examples, so each window is one slice assignment.
-        drops = torch.empty(len(windows) * batch, dtype=logits.dtype, device=x.device)
-        if engine is not None:
-            chunks = list(inc.chunks(engine, drops.numel(), batch_size))
+    with guarded(model, first, eval_mode=eval_mode, grad=False), torch.inference_mode():
+        engine, out = (None, None)
+        if unsuited:
+            log.debug("occlusion: naive, the incremental engine does not apply: %s", unsuited)
         else:
-            chunks = [(lo, min(lo + batch_size, drops.numel())) for lo in range(0, drops.numel(), batch_size)]
-        for lo, hi in tqdm(chunks, desc="occlusion", unit="batch", disable=not progress):
-            examples = torch.arange(lo, hi, device=x.device) % batch
-            if engine is not None:
-                out = checked_logits(inc.occluded_logits(engine, lo, hi), hi - lo)
-            else:
-                images = x.index_select(0, examples)
-                _occlude(images, fill, windows, lo, batch, (wh, ww))
-                out = model(images)
-            drops[lo:hi] = clean[examples] - out.gather(1, t[examples][:, None])[:, 0]
-        # An occluded image may overflow where the clean one did not.
-        check_finite(logits, drops, what="the target scores of some occluded images")
-        drops = drops.view(len(windows), batch)
+            engine, out = _engine(model, first, fills[0], layout[0], incremental)  # type: ignore[arg-type]
+        # A model may change its input in place.
+        output = inputs.call(model, [t.clone() for t in inputs.tensors]) if out is None else out
+        t = resolve_target(target, output, batch)
+        clean = score_of(output, t, batch)
+        check_finite(output if isinstance(output, Tensor) else clean)
+        drops = [_drops(model, inputs, i, grid, fills[i], t, clean, engine, batch_size, progress)
+                 for i, grid in enumerate(layout)]
+        # An occluded input may overflow where the clean one did not.
+        check_finite(output if isinstance(output, Tensor) else clean, *drops,
+                     what="the target scores of some occluded images")
 
     # Outside inference mode, so the result is an ordinary tensor the user can compute with. A column
-    # of ones spreads into the number of windows covering each pixel, in the same pass.
-    with_ones = torch.cat([drops, torch.ones_like(drops[:, :1])], dim=1)
-    sums = _spread(with_ones, (height, width), (wh, ww), (sh, sw))
-    return (sums[:batch] / sums[batch:]).to(x.dtype)
+    # of ones spreads into the number of windows covering each element, in the same pass.
+    maps = []
+    for values, grid, tensor in zip(drops, layout, inputs.tensors, strict=True):
+        values = values.view(-1, batch)
+        with_ones = torch.cat([values, torch.ones_like(values[:, :1])], dim=1)
+        sums = spread(with_ones, grid)
+        maps.append((sums[:batch] / sums[batch:]).to(tensor.dtype))
+    return inputs.pack(maps)
+
+
+def _drops(
+    model: Model,
+    inputs: Inputs,
+    index: int,
+    grid: Grid,
+    fill: Tensor,
+    target: Resolved,
+    clean: Tensor,
+    engine: inc.Engine | None,
+    batch_size: int,
+    progress: bool,
+) -> Tensor:
+    """``score(x) - score(occluded)`` for every window of input ``index`` and example, ``[windows * B]``.
+
+    Flat index k = window * B + example: a forward batch holds consecutive windows, each for a
+    contiguous run of examples, so each window is one slice assignment."""
+    batch, device = inputs.batch, inputs.device
+    positions = grid.positions
+    total = len(positions) * batch
+    drops = torch.empty(total, dtype=clean.dtype, device=device)
+    if engine is not None:
+        chunks = list(inc.chunks(engine, total, batch_size))
+    else:
+        chunks = [(lo, min(lo + batch_size, total)) for lo in range(0, total, batch_size)]
+    desc = "occlusion" if len(inputs.tensors) == 1 else f"occlusion of x[{index}]"
+    for lo, hi in tqdm(chunks, desc=desc, unit="batch", disable=not progress):
+        examples = torch.arange(lo, hi, device=device) % batch
+        if engine is not None:
+            out = inc.occluded_logits(engine, lo, hi)
+        else:
+            tensors = [t.index_select(0, examples) for t in inputs.tensors]
+            _occlude(tensors[index], fill, grid, positions, lo, batch)
+            out = inputs.call(model, tensors, rows=examples)
+        drops[lo:hi] = clean[examples] - score_of(out, take_target(target, examples), hi - lo)
+    return drops
+
+
+def _fills(baseline: Baseline, inputs: Inputs) -> list[Tensor]:
+    """Each input's baseline expanded to its shape; checked before any work."""
+    count = len(inputs.tensors)
+    if isinstance(baseline, (tuple, list)):
+        if not inputs.was_tuple or len(baseline) != count:
+            raise TypeError(
+                f"baseline must be a number or a tensor, or for a tuple x one per input ({count}); got a "
+                f"{type(baseline).__name__} of {len(baseline)}"
+            )
+        values = list(baseline)
+    elif isinstance(baseline, Tensor) and inputs.was_tuple and count > 1:
+        raise TypeError(f"x is a tuple of {count} inputs: pass baseline as a number or one per input, "
+                        "baseline=(b0, b1, ...)")
+    else:
+        values = [baseline] * count
+    fills = []
+    for i, (value, x) in enumerate(zip(values, inputs.tensors, strict=True)):
+        name = f"baseline[{i}]" if inputs.was_tuple else "baseline"
+        # A number becomes a device tensor through a fill kernel: a copy from the host would wait for
+        # the GPU.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            fill = torch.full((), value, dtype=x.dtype, device=x.device)
+        elif isinstance(value, Tensor):
+            fill = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+        else:
+            raise TypeError(f"{name} must be a number or a tensor broadcastable to the input; got "
+                            f"{type(value).__name__}")
+        try:
+            fills.append(fill.expand_as(x))
+        except RuntimeError as err:
+            raise ValueError(f"{name} of shape {list(fill.shape)} does not broadcast to the input "
+                             f"{list(x.shape)}") from err
+    return fills
+
+
+def _why_not_incremental(model: Model, inputs: Inputs, grid: Grid) -> str:
+    """Why the incremental engine cannot serve this call ('' when it can)."""
+    if not isinstance(model, nn.Module):
+        return "the model is a plain callable, not an nn.Module"
+    if len(inputs.tensors) != 1 or inputs.first.dim() != 4:
+        return "it takes one image input [B,C,H,W]"
+    if grid.lead != 1:
+        return "it takes a window over height and width (all channels)"
+    if inputs.forward_args or inputs.forward_kwargs:
+        return "the model takes forward_args/forward_kwargs"
+    return ""
 
 
 def _engine(
-    model: nn.Module,
-    x: Tensor,
-    fill: Tensor,
-    windows: list[tuple[int, int]],
-    window: tuple[int, int],
-    incremental: bool | None,
+    model: nn.Module, x: Tensor, fill: Tensor, grid: Grid, incremental: bool | None
 ) -> tuple[inc.Engine | None, Tensor | None]:
     """The incremental engine when it is required or (``None``) expected to gain, and the clean
     logits if the attempt computed them."""
     if incremental is False:
         log.debug("occlusion: naive, incremental=False (pass True or None to trace the model)")
         return None, None
-    built = inc.build(model, x, fill, windows, window)
+    window = grid.window
+    assert len(window) == 2
+    built = inc.build(model, x, fill, grid.positions, (window[0], window[1]))  # type: ignore[arg-type]
     if isinstance(built, str):
         if incremental:
             raise ValueError(f"incremental occlusion cannot run on this model: {built}")
@@ -186,27 +258,6 @@ def _engine(
         return None, built.logits
     log.debug("occlusion: incremental, %s", inc.describe(built))
     return built, built.logits
-
-
-def _spread(
-    values: Tensor, size: tuple[int, int], window: tuple[int, int], stride: tuple[int, int]
-) -> Tensor:
-    """Sum, at every pixel, the values ``[windows, B]`` of the windows covering it: ``[B,1,H,W]``.
-
-    A window covers a band of rows times a band of columns, so the sum is separable: first along the
-    columns for every row of windows at once, then along the rows — one slice addition per row and
-    per column of windows rather than one per window.
-    """
-    (height, width), (wh, ww), (sh, sw) = size, window, stride
-    rows, cols = window_starts(height, wh, sh), window_starts(width, ww, sw)
-    grid = values.t().reshape(-1, len(rows), len(cols))  # [B, rows of windows, columns of windows]
-    bands = grid.new_zeros(grid.shape[0], len(rows), width)
-    for k, j in enumerate(cols):
-        bands[:, :, j : j + ww] += grid[:, :, k : k + 1]
-    heat = grid.new_zeros(grid.shape[0], height, width)
-    for k, i in enumerate(rows):
-        heat[:, i : i + wh, :] += bands[:, k : k + 1, :]
-    return heat.unsqueeze(1)
 
 
 register("occlusion", occlusion, needs=Need.PERTURBATION, look=Look.SIGNED_OVERLAY, title="occlusion",
