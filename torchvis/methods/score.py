@@ -4,14 +4,18 @@ by each channel, forward passes only."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchvis.core.forward import Target, check_input, checked_logits, guarded
+from torchvis.core.forward import guarded
 from torchvis.core.hooks import LayerRef
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs
 from torchvis.core.passes import activation_pass
+from torchvis.core.targets import Resolved, Target, score_of, take_target
 from torchvis.methods.cam import check_feature_map, upsample_to
 from torchvis.methods.perturbation import default_batch_size
 from torchvis.methods.spec import Look, Need, register
@@ -28,12 +32,14 @@ def channel_masks(activation: Tensor, size: tuple[int, ...]) -> Tensor:
 
 
 def channel_scores(
-    model: nn.Module, x: Tensor, activation: Tensor, target: Tensor, *, batch_size: int, eval_mode: bool
+    model: Model, inputs: Inputs, activation: Tensor, target: Resolved, *, batch_size: int, eval_mode: bool
 ) -> Tensor:
-    """``s[b,k]``: the softmax probability of ``target[b]`` for ``x[b]`` masked by channel ``k``
-    (:func:`channel_masks`); 0 for a channel constant at the layer, whose mask carries no location.
+    """``s[b,k]``: the score of ``target[b]`` (:func:`masked_score`) for example ``b`` with its first
+    input masked by channel ``k`` (:func:`channel_masks`), its other inputs and per-example extra
+    arguments as they are; 0 for a channel constant at the layer, whose mask carries no location.
     ``[B,K]``. The ``K*B`` masked inputs (constant channels skipped) go through the model in batches
     of ``batch_size``, under ``torch.inference_mode``; the only host sync is finding the live channels."""
+    x = inputs.first
     spatial = tuple(range(2, activation.dim()))
     live = (activation.amax(dim=spatial) > activation.amin(dim=spatial)).nonzero()  # [N, 2]: (b, k)
     scores = torch.zeros(activation.shape[:2], dtype=activation.dtype, device=activation.device)
@@ -41,21 +47,34 @@ def channel_scores(
         for lo in range(0, live.shape[0], batch_size):
             b, k = live[lo : lo + batch_size].unbind(dim=1)
             masked = x[b] * channel_masks(activation[b, k], x.shape[2:])
-            probabilities = checked_logits(model(masked), masked.shape[0]).softmax(dim=1)
-            scores[b, k] = probabilities.gather(1, target[b, None])[:, 0].to(scores.dtype)
+            output = inputs.call(model, [masked, *(t[b] for t in inputs.tensors[1:])], rows=b)
+            scores[b, k] = masked_score(output, take_target(target, b), masked.shape[0]).to(scores.dtype)
     return scores.clone()  # an ordinary tensor again, outside inference mode
 
 
+def masked_score(output: Any, target: Resolved, batch: int) -> Tensor:
+    """Score-CAM's score of each row: the softmax probability of the target class for a classifier
+    ``[B, classes]``; the explained score itself (:func:`~torchvis.core.targets.score_of`) for a
+    callable target, an index into a larger output or one score per example."""
+    if isinstance(target, Tensor) and target.dim() == 1:
+        if not (isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == batch):
+            return score_of(output, target, batch)  # raises, saying what the output should be
+        return output.softmax(dim=1).gather(1, target[:, None])[:, 0]
+    return score_of(output, target, batch)
+
+
 def score_cam(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     layer: LayerRef | None = None,
     batch_size: int | None = None,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """Score-CAM at ``layer``. Returns ``[B,1,H,W]``.
+    """Score-CAM at ``layer``. Returns ``[B,1,H,W]``, drawn over the first input when ``x`` is a tuple.
 
     Wang, Wang, Du, Yang, Zhang, Ding, Mardziel & Hu, "Score-CAM: Score-Weighted Visual Explanations
     for Convolutional Neural Networks", CVPR-W 2020, as the authors' code computes it: ``H_k`` is
@@ -70,16 +89,24 @@ def score_cam(
     softmax *over channels* of the raw target logits, and reads each score with ``.item()``; torchcam
     (0.5) normalises the channels before upsampling, and takes the softmax over channels of the logit
     minus the clean input's logit. ``layer=None`` as in :func:`torchvis.grad_cam`.
+
+    Inputs: with a tuple ``x`` the masks apply to the first input (upsampled to its size), the other
+    inputs are passed as they are; ``forward_args``/``forward_kwargs`` go to the model, their
+    per-example tensors taken for each masked row (:mod:`torchvis.core.inputs`). With a callable
+    ``target``, an index into a larger output, or a model returning one score per example, ``s_k`` is
+    that score itself rather than a softmax probability (:func:`masked_score`).
     """
-    check_input(x)
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    x = inputs.first
     if batch_size is None:
-        batch_size = default_batch_size(x)
+        batch_size = default_batch_size(inputs.tensors)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-    probe = activation_pass(model, x, target, layer=layer, eval_mode=eval_mode)
+    probe = activation_pass(model, inputs, target, layer=layer, eval_mode=eval_mode)
     activation = probe.activation
     check_feature_map(activation, "Score-CAM")
-    scores = channel_scores(model, x, activation, probe.target, batch_size=batch_size, eval_mode=eval_mode)
+    scores = channel_scores(model, inputs, activation, probe.target, batch_size=batch_size,
+                            eval_mode=eval_mode)
     if torch.isnan(scores).any():
         raise ValueError("the model output contains NaN for a masked input; Score-CAM cannot weigh channels")
     heat = (scores[:, :, None, None] * activation).sum(dim=1, keepdim=True)
