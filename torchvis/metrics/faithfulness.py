@@ -7,27 +7,31 @@ softmax probability of the target class; the AUC is the trapezoid rule over the 
 ``(sum_k s_k - (s_0 + s_N) / 2) / N``. Deletion replaces pixels by a baseline (lower AUC is better);
 insertion puts the pixels of ``x`` back into a start image, by default a blur of ``x`` (higher is
 better). All ``(N+1)*B`` images go through the model in bounded batches, forward passes only.
+
+Other inputs. A *feature* plays the pixel's part: for an input ``[B,C,*spatial]`` (a signal
+``[B,C,L]``, an image, a volume ``[B,C,D,H,W]``) one position across all channels — a time step, a
+pixel, a voxel; for ``[B,N]`` one element. With a tuple ``x`` the attributions are a tuple too, one
+per input, and the features of all inputs are ranked together by their importance (so the maps
+must be on a common scale, as gradients of one score are) and replaced a fixed number per step,
+wherever they lie. A callable target is scored by its own value instead of a softmax probability,
+as is an index into a larger output or a model returning one score per example.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal, NamedTuple, overload
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
-from torchvis.core.forward import (
-    Target,
-    check_finite,
-    check_input,
-    checked_logits,
-    guarded,
-    resolve_target,
-)
+from torchvis.core.forward import check_finite, checked_logits, guarded
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model
+from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of, take_target
 from torchvis.methods.cam import EmptyMapWarning
 
 __all__ = ["Curves", "deletion", "importance", "insertion", "ranks", "steps"]
@@ -44,40 +48,59 @@ _CPU_BATCH_VALUES = 8 * 3 * 224 * 224
 
 class Curves(NamedTuple):
     """Deletion or insertion curves: ``auc`` ``[B]``, ``scores`` ``[B, N+1]`` (the target's softmax
-    probability at each point) and ``fraction`` ``[N+1]`` (the fraction of pixels replaced)."""
+    probability at each point, or the callable target's value) and ``fraction`` ``[N+1]`` (the
+    fraction of pixels, or features, replaced)."""
 
     auc: Tensor
     scores: Tensor
     fraction: Tensor
 
 
-def importance(attributions: Tensor, x: Tensor) -> Tensor:
-    """Per-pixel importance ``[B, H*W]``: the sum over channels of ``|attributions|``.
+Attributions = Tensor | tuple[Tensor, ...]
+Fill = float | Tensor | tuple[Any, ...]
 
-    A ``[B,1,h,w]`` map at another resolution (a CAM at its layer's size) is first upsampled
-    bilinearly to ``x``'s ``H, W``.
+_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def importance(attributions: Tensor, x: Tensor) -> Tensor:
+    """Per-feature importance ``[B, P]``: for an image ``[B,C,H,W]`` the sum over channels of
+    ``|attributions|`` per pixel (``P = H*W``), likewise per time step of ``[B,C,L]`` and per voxel of
+    ``[B,C,D,H,W]``; ``|attributions|`` per element of ``[B,N]``.
+
+    A one-channel map ``[B,1,*spatial]`` at another resolution (a CAM at its layer's size) is first
+    upsampled to ``x``'s (bilinearly for an image; linearly, trilinearly for 1-D, 3-D).
     """
     if not isinstance(attributions, Tensor):
         raise TypeError(f"attributions must be a tensor, not {type(attributions).__name__}")
-    batch, _, height, width = x.shape
-    if attributions.dim() != 4 or attributions.shape[0] != batch:
-        raise ValueError(
-            f"attributions must be [B,C,H,W] or [B,1,h,w] with B={batch}; got {list(attributions.shape)}"
+    batch, spatial = x.shape[0], tuple(x.shape[2:])
+    if x.dim() == 2:
+        wanted = f"[B,N] like x {list(x.shape)}"
+        fits = attributions.shape == x.shape
+    else:
+        wanted = "[B,C,H,W] or [B,1,h,w]" if x.dim() == 4 else (
+            f"shaped like x {list(x.shape)}, or [B,1,*spatial] at another resolution (as [B,C,H,W] or "
+            "[B,1,h,w] for an image)"
         )
+        fits = attributions.dim() == x.dim() and attributions.shape[0] == batch
+    if not fits or attributions.shape[0] != batch:
+        raise ValueError(f"attributions must be {wanted} with B={batch}; got {list(attributions.shape)}")
     if not attributions.is_floating_point():
         raise ValueError(f"attributions must be a floating tensor; got {attributions.dtype}")
     a = attributions.detach().to(x.device)
-    if a.shape[-2:] != (height, width):
+    if x.dim() > 2 and a.shape[2:] != spatial:
         if a.shape[1] != 1:
+            size = "x".join(map(str, spatial))
             raise ValueError(
-                f"a map at another resolution than x ({height}x{width}) must have one channel to be "
+                f"a map at another resolution than x ({size}) must have one channel to be "
                 f"upsampled; got {list(a.shape)}"
             )
-        a = F.interpolate(a.float() if a.dtype == torch.float16 else a, size=(height, width),
-                          mode="bilinear", align_corners=False)
+        if len(spatial) not in _MODES:
+            raise ValueError(f"a map at another resolution than x {list(x.shape)} cannot be upsampled")
+        a = F.interpolate(a.float() if a.dtype == torch.float16 else a, size=spatial,
+                          mode=_MODES[len(spatial)], align_corners=False)
     if not torch.isfinite(a).all():
         raise ValueError("attributions contain NaN or Inf; pixels cannot be ranked by them")
-    return a.abs().sum(dim=1).flatten(1)
+    return a.abs().sum(dim=1).flatten(1) if x.dim() > 2 else a.abs()
 
 
 def ranks(scores: Tensor) -> Tensor:
@@ -98,12 +121,14 @@ def steps(pixels: int, pixels_per_step: int | None) -> tuple[int, int]:
     return pixels_per_step, math.ceil(pixels / pixels_per_step)
 
 
-def default_batch_size(x: Tensor) -> int:
-    """Images per forward pass when none is given: on the CPU as many as hold about 1.2 million input
-    values (8 of 3x224x224, 32 of 3x112x112), at most 128; on an accelerator 64."""
-    if x.device.type != "cpu":
+def default_batch_size(x: InputLike) -> int:
+    """Inputs per forward pass when none is given: on the CPU as many as hold about 1.2 million input
+    values (8 of 3x224x224, 32 of 3x112x112; every input of a tuple counted), at most 128; on an
+    accelerator 64."""
+    tensors = x if isinstance(x, tuple) else (x,)
+    if tensors[0].device.type != "cpu":
         return 64
-    return max(1, min(128, _CPU_BATCH_VALUES // x[0].numel()))
+    return max(1, min(128, _CPU_BATCH_VALUES // sum(t[0].numel() for t in tensors)))
 
 
 def _fill(value: float | Tensor, x: Tensor, what: str) -> Tensor:
@@ -120,70 +145,134 @@ def _fill(value: float | Tensor, x: Tensor, what: str) -> Tensor:
     return t
 
 
+def _per_input(value: Any, inputs: Inputs, what: str) -> list[tuple[Any, str]]:
+    """``value`` for each input with its name for messages: a tuple ``x`` takes one per input (a
+    tuple) or a number (or string) for all."""
+    count = len(inputs.tensors)
+    if not inputs.was_tuple:
+        return [(value, what)]
+    if isinstance(value, (tuple, list)):
+        if len(value) != count:
+            raise TypeError(f"x is a tuple of {count} inputs: {what} must be one per input; got {len(value)}")
+        return [(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Tensor) and count > 1:
+        raise TypeError(f"x is a tuple of {count} inputs: pass {what} as a number or one per input, "
+                        f"{what}=(b0, b1, ...)")
+    return [(value, f"{what}[{i}]") for i in range(count)]
+
+
+def _inputs(x: object, forward_args: object, forward_kwargs: Mapping[str, Any] | None) -> Inputs:
+    if not isinstance(x, (Tensor, tuple)):
+        raise TypeError(f"x must be a torch.Tensor [B, ...] (an image [B,C,H,W]) or a tuple of them, not "
+                        f"{type(x).__name__}")
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    for i, t in enumerate(inputs.tensors):
+        if t.dim() < 2:
+            name = f"x[{i}]" if inputs.was_tuple else "x"
+            raise ValueError(f"{name} must be [B,C,H,W], or [B,N], [B,C,L], [B,C,D,H,W]; got {list(t.shape)}")
+    return inputs
+
+
+def _maps(attributions: object, inputs: Inputs) -> list[Tensor]:
+    if inputs.was_tuple:
+        if not isinstance(attributions, tuple) or len(attributions) != len(inputs.tensors):
+            raise TypeError(f"x is a tuple of {len(inputs.tensors)} inputs: attributions must be a tuple "
+                            "with one map per input")
+        return list(attributions)
+    if not isinstance(attributions, Tensor):
+        raise TypeError(f"attributions must be a tensor, not {type(attributions).__name__}")
+    return [attributions]
+
+
 @overload
-def deletion(model: nn.Module, x: Tensor, attributions: Tensor, target: Target = None, *,
-             pixels_per_step: int | None = None, baseline: float | Tensor = 0.0,
-             batch_size: int | None = None, return_curves: Literal[False] = False) -> Tensor: ...
+def deletion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+             pixels_per_step: int | None = None, baseline: Fill = 0.0,
+             batch_size: int | None = None, return_curves: Literal[False] = False,
+             forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None) -> Tensor: ...
 @overload
-def deletion(model: nn.Module, x: Tensor, attributions: Tensor, target: Target = None, *,
-             pixels_per_step: int | None = None, baseline: float | Tensor = 0.0,
-             batch_size: int | None = None, return_curves: Literal[True]) -> Curves: ...
+def deletion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+             pixels_per_step: int | None = None, baseline: Fill = 0.0,
+             batch_size: int | None = None, return_curves: Literal[True],
+             forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None) -> Curves: ...
 def deletion(
-    model: nn.Module,
-    x: Tensor,
-    attributions: Tensor,
+    model: Model,
+    x: InputLike,
+    attributions: Attributions,
     target: Target = None,
     *,
     pixels_per_step: int | None = None,
-    baseline: float | Tensor = 0.0,
+    baseline: Fill = 0.0,
     batch_size: int | None = None,
     return_curves: bool = False,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor | Curves:
     """Deletion AUC per example (lower is better). Returns ``[B]``, or :class:`Curves` if ``return_curves``.
 
     Petsiuk et al., BMVC 2018 (RISE). The ranked pixels of ``x`` [B,C,H,W] are set, all channels, to
     ``baseline`` (a number or a tensor broadcastable to ``x``, in the model's input space).
-    ``target=None`` scores the class predicted for ``x``.
+    ``target=None`` scores the class predicted for ``x``. Other inputs, tuples of them (``baseline``
+    then a number or one per input) and callable targets: see :mod:`torchvis.metrics.faithfulness`;
+    ``forward_args``/``forward_kwargs`` go to the model, their per-example tensors taken for each row.
     """
-    check_input(x)
-    return _curves(model, x, attributions, target, start=x, end=_fill(baseline, x, "baseline"),
+    inputs = _inputs(x, forward_args, forward_kwargs)
+    maps = _maps(attributions, inputs)
+    ends = [_fill(value, t, what) for (value, what), t in zip(_per_input(baseline, inputs, "baseline"),
+                                                               inputs.tensors, strict=True)]
+    return _curves(model, inputs, maps, target, start=list(inputs.tensors), end=ends,
                    pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)
 
 
 @overload
-def insertion(model: nn.Module, x: Tensor, attributions: Tensor, target: Target = None, *,
-              pixels_per_step: int | None = None, start: str | float | Tensor = "blur",
-              batch_size: int | None = None, return_curves: Literal[False] = False) -> Tensor: ...
+def insertion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+              pixels_per_step: int | None = None, start: str | Fill = "blur",
+              batch_size: int | None = None, return_curves: Literal[False] = False,
+              forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None) -> Tensor: ...
 @overload
-def insertion(model: nn.Module, x: Tensor, attributions: Tensor, target: Target = None, *,
-              pixels_per_step: int | None = None, start: str | float | Tensor = "blur",
-              batch_size: int | None = None, return_curves: Literal[True]) -> Curves: ...
+def insertion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+              pixels_per_step: int | None = None, start: str | Fill = "blur",
+              batch_size: int | None = None, return_curves: Literal[True],
+              forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None) -> Curves: ...
 def insertion(
-    model: nn.Module,
-    x: Tensor,
-    attributions: Tensor,
+    model: Model,
+    x: InputLike,
+    attributions: Attributions,
     target: Target = None,
     *,
     pixels_per_step: int | None = None,
-    start: str | float | Tensor = "blur",
+    start: str | Fill = "blur",
     batch_size: int | None = None,
     return_curves: bool = False,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor | Curves:
     """Insertion AUC per example (higher is better). Returns ``[B]``, or :class:`Curves` if ``return_curves``.
 
     Petsiuk et al., BMVC 2018 (RISE). The image starts as ``start`` — ``"blur"``: a Gaussian blur of
     ``x`` (kernel 11, sigma 5, as the RISE code; see :func:`blurred`), or a number or a tensor
     broadcastable to ``x`` — and the ranked pixels of ``x`` are put back, all channels.
-    ``target=None`` scores the class predicted for ``x``.
+    ``target=None`` scores the class predicted for ``x``. ``"blur"`` is for images ``[B,C,H,W]``
+    only: other inputs need a number or a tensor (with a tuple ``x``, ``start`` may be one per input,
+    ``"blur"`` for its images). Other inputs, tuples and callable targets: see
+    :mod:`torchvis.metrics.faithfulness`.
     """
-    check_input(x)
-    if isinstance(start, str):
-        if start != "blur":
-            raise ValueError(f"start must be 'blur', a number or a tensor; got {start!r}")
-        begin = blurred(x)
-    else:
-        begin = _fill(start, x, "start")
-    return _curves(model, x, attributions, target, start=begin, end=x,
+    inputs = _inputs(x, forward_args, forward_kwargs)
+    maps = _maps(attributions, inputs)
+    begins = []
+    for (value, what), t in zip(_per_input(start, inputs, "start"), inputs.tensors, strict=True):
+        if isinstance(value, str):
+            if value != "blur":
+                raise ValueError(f"{what} must be 'blur', a number or a tensor; got {value!r}")
+            if t.dim() != 4:
+                raise ValueError(
+                    f"{what}='blur' blurs images [B,C,H,W]; {'x' if what == 'start' else 'x' + what[5:]} has "
+                    f"shape {list(t.shape)}: give it a number or a tensor as its start (e.g. start=0.0, or "
+                    "one per input for a tuple x)"
+                )
+            begins.append(blurred(t))
+        else:
+            begins.append(_fill(value, t, what))
+    return _curves(model, inputs, maps, target, start=begins, end=list(inputs.tensors),
                    pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)
 
 
@@ -197,66 +286,94 @@ def blurred(x: Tensor) -> Tensor:
 
 
 def _curves(
-    model: nn.Module,
-    x: Tensor,
-    attributions: Tensor,
+    model: Model,
+    inputs: Inputs,
+    attributions: Sequence[Tensor],
     target: Target,
     *,
-    start: Tensor,
-    end: Tensor,
+    start: Sequence[Tensor],
+    end: Sequence[Tensor],
     pixels_per_step: int | None,
     batch_size: int | None,
     curves: bool,
 ) -> Tensor | Curves:
-    """Score the images that go from ``start`` to ``end`` one step of ranked pixels at a time."""
-    batch, _, height, width = x.shape
-    pixels = height * width
+    """Score the inputs that go from ``start`` to ``end`` one step of ranked features at a time."""
+    check_model(model)
+    batch = inputs.batch
+    weights = [importance(a, t) for a, t in zip(attributions, inputs.tensors, strict=True)]
+    pixels = sum(w.shape[1] for w in weights)
     per_step, n = steps(pixels, pixels_per_step)
-    batch_size = default_batch_size(x) if batch_size is None else batch_size
+    batch_size = default_batch_size(inputs.tensors) if batch_size is None else batch_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
-    weights = importance(attributions, x)
-    _warn_constant(weights)
-    rank = ranks(weights).view(batch, 1, height, width)
-    replaced = (torch.arange(n + 1, device=x.device) * per_step).clamp_max(pixels)
+    joint = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
+    _warn_constant(joint, image=inputs.first.dim() == 4 and len(weights) == 1)
+    # Each input's ranks, shaped to broadcast over its channels: [B,1,*spatial], or [B,N].
+    rank = [r.view(batch, *([1] if t.dim() > 2 else []), *t.shape[2 if t.dim() > 2 else 1 :])
+            for r, t in zip(ranks(joint).split([w.shape[1] for w in weights], dim=1), inputs.tensors,
+                            strict=True)]
+    replaced = (torch.arange(n + 1, device=inputs.device) * per_step).clamp_max(pixels)
     total = (n + 1) * batch
 
-    with guarded(model, x, grad=False), torch.inference_mode():
-        t = _target(model, x, target)
+    with guarded(model, inputs.first, grad=False), torch.inference_mode():
+        t = _target(model, inputs, target)
+        probability = isinstance(t, Tensor) and t.dim() == 1
         chunks = []
         # Flat index i = k * B + b: point k of example b.
         for lo in range(0, total, batch_size):
-            i = torch.arange(lo, min(lo + batch_size, total), device=x.device)
+            i = torch.arange(lo, min(lo + batch_size, total), device=inputs.device)
             k, b = i // batch, i % batch
-            moved = rank[b] < replaced[k].view(-1, 1, 1, 1)  # [n,1,H,W]: the pixels already replaced
-            out = checked_logits(model(torch.where(moved, end[b], start[b])), i.numel())
-            out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
-            chunks.append(out.softmax(dim=1).gather(1, t[b][:, None])[:, 0])
+            tensors = []
+            for r, first, last in zip(rank, start, end, strict=True):
+                moved = r[b] < replaced[k].view(-1, *[1] * (r.dim() - 1))  # the features already replaced
+                tensors.append(torch.where(moved, last[b], first[b]))
+            out = inputs.call(model, tensors, rows=b)
+            chunks.append(_score(out, take_target(t, b), i.numel(), probability))
     scores = torch.cat(chunks).view(n + 1, batch).t().clone()  # outside inference mode: an ordinary tensor
     if not torch.isfinite(scores).all():
-        raise ValueError("the model's softmax scores contain NaN or Inf; no AUC can be computed")
+        kind = "softmax scores" if probability else "scores"
+        raise ValueError(f"the model's {kind} contain NaN or Inf; no AUC can be computed")
     auc = (scores.sum(dim=1) - (scores[:, 0] + scores[:, -1]) / 2) / n
     if not curves:
         return auc
     return Curves(auc, scores, replaced.to(scores.dtype) / pixels)
 
 
-def _target(model: nn.Module, x: Tensor, target: Target) -> Tensor:
-    """The class per example ``[B]``: ``target``, or the class predicted for ``x`` when None."""
-    one = x if target is None else x[:1]  # one image tells the number of classes
-    logits = checked_logits(model(one.detach().clone()), one.shape[0])  # a model may change its input
+def _score(out: Any, target: Resolved, batch: int, probability: bool) -> Tensor:
+    """The softmax probability of each row's class (a class target), else the explained score."""
+    if probability:
+        out = checked_logits(out, batch)
+        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+        return out.softmax(dim=1).gather(1, target[:, None])[:, 0]  # type: ignore[index]
+    score = score_of(out, target, batch)
+    return score.float() if score.dtype in (torch.float16, torch.bfloat16) else score
+
+
+def _target(model: Model, inputs: Inputs, target: Target) -> Resolved:
+    """The resolved target: ``target``, or the class predicted for ``x`` when None. A callable target
+    needs no forward pass; any other given target one example's (which tells the output's shape)."""
+    if is_function(target):
+        return target  # type: ignore[return-value]
+    batch = inputs.batch
+    one = inputs if target is None else inputs.take(torch.zeros(1, dtype=torch.long, device=inputs.device))
+    # A model may change its input.
+    logits = one.call(model, [t.detach().clone() for t in one.tensors])
+    indexes = isinstance(target, tuple) or (isinstance(target, Tensor) and target.dim() == 2)
+    if not indexes and not (isinstance(logits, Tensor) and logits.dim() == 1):
+        logits = checked_logits(logits, one.batch)
     check_finite(logits)
     if target is not None:
-        logits = logits.new_zeros(x.shape[0], logits.shape[1])
-    return resolve_target(target, logits)
+        logits = logits.new_zeros(batch, *logits.shape[1:])
+    return resolve_target(target, logits, batch)
 
 
-def _warn_constant(weights: Tensor) -> None:
+def _warn_constant(weights: Tensor, *, image: bool = True) -> None:
     constant = int((weights == weights[:, :1]).all(dim=1).sum())
     if constant:
+        order = "pixels are removed in index order (row by row)" if image else "features are removed in order"
         warnings.warn(
-            f"the attribution map is constant for {constant} of {weights.shape[0]} examples: their pixels "
-            "are removed in index order (row by row), so their score says nothing about the map",
+            f"the attribution map is constant for {constant} of {weights.shape[0]} examples: their {order}, "
+            "so their score says nothing about the map",
             EmptyMapWarning,
             stacklevel=3,
         )
