@@ -270,8 +270,9 @@ def test_bad_inputs_are_clear_errors() -> None:
         torchvis.sanity_check(model, x, [])
     with pytest.raises(ValueError, match="unknown method"):
         torchvis.sanity_check(model, x, ["salience"])
-    with pytest.raises(ValueError, match=r"\[B,C,H,W\]"):
-        torchvis.sanity_check(model, x[0], ["saliency"])
+    # A 3-D tensor is a signal [B,C,L] now; a tensor without a batch dimension is still refused.
+    with pytest.raises(ValueError, match=r"batch dimension \[B, \.\.\.\]"):
+        torchvis.sanity_check(model, x[0, 0, 0, 0], ["saliency"])
     with pytest.raises(ValueError, match="no parameters to randomise"):
         torchvis.sanity_check(nn.Flatten(), x.view(2, 16, 1, 1), ["saliency"])
     with pytest.raises(ValueError, match="out of range"):

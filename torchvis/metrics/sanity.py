@@ -11,15 +11,17 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from torchvis.core.forward import Target, check_finite, check_input, checked_logits, guarded, resolve_target
+from torchvis.core.forward import check_finite, guarded
 from torchvis.core.hooks import LayerRef, resolve_layer
+from torchvis.core.inputs import InputLike, as_inputs, check_module
+from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of
 from torchvis.methods.cam import EmptyMapWarning
 from torchvis.methods.combine import explain
 from torchvis.metrics.similarity import constant_rows, minmax, spearman, ssim
@@ -30,7 +32,9 @@ __all__ = ["SanityResult", "SanityRow", "randomize_", "sanity_check"]
 @dataclass(frozen=True)
 class SanityRow:
     """One method at one stage: mean similarity to the original maps over the examples whose maps are
-    not constant (``None`` when every map was constant), and how many were constant."""
+    not constant (``None`` when every map was constant), and how many were constant. ``input``: which
+    input of a tuple ``x`` the maps belong to (``None`` for a single tensor); ``ssim`` is ``None``
+    for maps that are not images."""
 
     method: str
     stage: str
@@ -39,6 +43,7 @@ class SanityRow:
     ssim: float | None
     constant: int
     examples: int
+    input: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,38 +52,49 @@ class SanityResult:
 
     ``stages[i]`` names the layer re-initialised at stage ``i + 1`` (every earlier one stays
     re-initialised); ``maps[method][0]`` is the original map ``[B,C|1,H,W]`` and ``maps[method][i]``
-    the map after stage ``i``; ``images`` and ``target`` are the explained inputs and classes (CPU).
+    the map after stage ``i`` (for a tuple ``x``, what the method returns: a tuple of maps, one per
+    input, or one map over the first input); ``images`` and ``target`` are the explained inputs (the
+    first input of a tuple) and classes (CPU; a callable target is kept as it is).
     """
 
     methods: tuple[str, ...]
     stages: tuple[str, ...]
     rows: tuple[SanityRow, ...]
-    maps: dict[str, tuple[Tensor, ...]] = field(repr=False)
+    maps: dict[str, tuple[Any, ...]] = field(repr=False)
     images: Tensor = field(repr=False)
-    target: Tensor = field(repr=False)
+    target: Resolved = field(repr=False)
 
-    def row(self, method: str, stage: str) -> SanityRow:
-        """The row of ``method`` after re-initialising down to ``stage``."""
+    def row(self, method: str, stage: str, input: int | None = None) -> SanityRow:
+        """The row of ``method`` after re-initialising down to ``stage`` (for ``input`` of a tuple ``x``;
+        ``None``: its first row)."""
         for row in self.rows:
-            if row.method == method and row.stage == stage:
+            if row.method == method and row.stage == stage and input in (None, row.input):
                 return row
-        raise KeyError(f"no row for method {method!r} at stage {stage!r}")
+        raise KeyError(f"no row for method {method!r} at stage {stage!r}" + (
+            "" if input is None else f" for input {input}"))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: ``{"methods", "stages", "rows": [{field: value}]}`` (JSON-ready)."""
+        """Plain data: ``{"methods", "stages", "rows": [{field: value}]}`` (JSON-ready); ``input`` only
+        when ``x`` was a tuple."""
+        many = any(row.input is not None for row in self.rows)
         return {
             "methods": list(self.methods),
             "stages": list(self.stages),
-            "rows": [vars(row).copy() for row in self.rows],
+            "rows": [{k: v for k, v in vars(row).items() if many or k != "input"} for row in self.rows],
         }
 
     def __str__(self) -> str:
-        header = ("method", "randomised down to", "spearman |map|", "spearman", "SSIM", "constant")
+        header: tuple[str, ...] = ("method", "randomised down to", "spearman |map|", "spearman", "SSIM",
+                                   "constant")
         lines = [header] + [
             (row.method, row.stage, _number(row.spearman_abs), _number(row.spearman), _number(row.ssim),
              f"{row.constant}/{row.examples}")
             for row in self.rows
         ]
+        if any(row.input is not None for row in self.rows):
+            header = ("method", "input", *header[1:])
+            lines = [header] + [(line[0], str(row.input), *line[1:])
+                                for line, row in zip(lines[1:], self.rows, strict=True)]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
         text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
                 for line in lines]
@@ -92,12 +108,14 @@ def _number(value: float | None) -> str:
 
 def sanity_check(
     model: nn.Module,
-    x: Tensor,
-    methods: Sequence[str | Callable[..., Tensor]] | str,
+    x: InputLike,
+    methods: Sequence[str | Callable[..., Any]] | str,
     target: Target = None,
     *,
     layers: Sequence[LayerRef] | None = None,
     seed: int = 0,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> SanityResult:
     """Cascading model-parameter randomisation of each method's maps of ``x`` [B,C,H,W].
@@ -112,21 +130,31 @@ def sanity_check(
     Spearman correlation (channels summed), and the SSIM of the [0,1]-normalised ``|map|``, averaged
     over the examples whose original and randomised ``|map|`` are not constant; constant ones are
     counted instead. Returns a :class:`SanityResult` (``str()`` is the table).
+
+    Other inputs: ``x`` may be any tensor ``[B, ...]`` or a tuple of them; ``forward_args`` /
+    ``forward_kwargs`` go to the model with every call and ``target`` may be a callable
+    (:mod:`torchvis.core.targets`). Maps are compared **per input** — one row per method, stage and
+    input of a tuple, so a small input is not drowned by a large one — with channels summed for
+    inputs that have them (``[B,C,*spatial]``) and elements compared as they are for ``[B,N]``; SSIM
+    only for image maps ``[B,C|1,H,W]`` (``None`` otherwise).
     """
-    check_input(x)
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    check_module(model, "sanity_check")
     method_list = [methods] if isinstance(methods, str) else list(methods)
     if not method_list:
         raise ValueError("methods is empty; name at least one method")
     names = _layer_names(model, layers)
     options = _layer_option_by_name(model, options)
-    with guarded(model, x, grad=False), torch.no_grad():
-        logits = checked_logits(model(x.detach().clone()), x.shape[0])
-        check_finite(logits)
-    t = resolve_target(target, logits)
+    with guarded(model, inputs.first, grad=False), torch.no_grad():
+        output = inputs.call(model, [t.detach().clone() for t in inputs.tensors])
+        t = resolve_target(target, output, inputs.batch)
+        check_finite(output if isinstance(output, Tensor) else score_of(output, t, inputs.batch))
+    extra = {"forward_args": forward_args, "forward_kwargs": forward_kwargs}
+    options = {**options, **{key: value for key, value in extra.items() if value is not None}}
     twin = copy.deepcopy(model)
     modules = dict(twin.named_modules())
     generators: dict[torch.device, torch.Generator] = {}
-    maps = {key: [m.detach()] for key, m in explain(twin, x, t, methods=method_list, **options).items()}
+    maps = {key: [_detached(m)] for key, m in explain(twin, x, t, methods=method_list, **options).items()}
     for name in names:
         randomize_(modules[name], lambda device: _generator(generators, device, seed))
         with warnings.catch_warnings():
@@ -134,16 +162,26 @@ def sanity_check(
             warnings.simplefilter("ignore", EmptyMapWarning)
             stage = explain(twin, x, t, methods=method_list, **options)
         for key, m in stage.items():
-            maps[key].append(m.detach())
+            maps[key].append(_detached(m))
     rows = tuple(
-        _compare(key, stage, maps[key][0], maps[key][i + 1])
+        row
         for key in maps for i, stage in enumerate(names)
+        for row in _compare_maps(key, stage, maps[key][0], maps[key][i + 1], inputs.was_tuple)
     )
     return SanityResult(
         methods=tuple(maps), stages=tuple(names), rows=rows,
-        maps={key: tuple(m.cpu() for m in ms) for key, ms in maps.items()},
-        images=x.detach().cpu().clone(), target=t.cpu(),
+        maps={key: tuple(_cpu(m) for m in ms) for key, ms in maps.items()},
+        images=inputs.first.detach().cpu().clone(),
+        target=t if is_function(t) else t.cpu(),  # type: ignore[union-attr]
     )
+
+
+def _detached(maps: Any) -> Any:
+    return tuple(m.detach() for m in maps) if isinstance(maps, tuple) else maps.detach()
+
+
+def _cpu(maps: Any) -> Any:
+    return tuple(m.cpu() for m in maps) if isinstance(maps, tuple) else maps.cpu()
 
 
 def _layer_names(model: nn.Module, layers: Sequence[LayerRef] | None) -> list[str]:
@@ -206,10 +244,24 @@ def randomize_(layer: nn.Module, generator: Callable[[torch.device], torch.Gener
                     nn.init.uniform_(p, -bound, bound, generator=generator(p.device))
 
 
-def _compare(method: str, stage: str, original: Tensor, randomised: Tensor) -> SanityRow:
-    """One :class:`SanityRow` from the original and the randomised maps ``[B,C|1,H,W]``."""
+def _compare_maps(method: str, stage: str, original: Any, randomised: Any, many: bool) -> list[SanityRow]:
+    """The rows of one method and stage: one per input for a tuple of maps; for a tuple ``x``, a
+    single map (a CAM over the first input) is input 0."""
+    if isinstance(original, tuple):
+        pairs = enumerate(zip(original, randomised, strict=True))
+        return [_compare(method, stage, a, b, i) for i, (a, b) in pairs]
+    return [_compare(method, stage, original, randomised, 0 if many else None)]
+
+
+def _compare(
+    method: str, stage: str, original: Tensor, randomised: Tensor, input: int | None = None
+) -> SanityRow:
+    """One :class:`SanityRow` from the original and the randomised maps ``[B,C|1,*spatial]`` or ``[B,N]``."""
+    if original.dim() == 2:  # features: no channels
+        original, randomised = original[:, None], randomised[:, None]
     a0, a1 = original.abs().sum(dim=1, keepdim=True), randomised.abs().sum(dim=1, keepdim=True)
     constant = constant_rows(a0.flatten(1)) | constant_rows(a1.flatten(1))
+    image = original.dim() == 4
     keep = ~constant
     kept = int(keep.sum())
 
@@ -221,7 +273,8 @@ def _compare(method: str, stage: str, original: Tensor, randomised: Tensor) -> S
         stage=stage,
         spearman_abs=mean(spearman(a0.flatten(1), a1.flatten(1))),
         spearman=mean(spearman(original.sum(dim=1).flatten(1), randomised.sum(dim=1).flatten(1))),
-        ssim=float(ssim(minmax(a0[keep]), minmax(a1[keep])).mean()) if kept else None,
+        ssim=float(ssim(minmax(a0[keep]), minmax(a1[keep])).mean()) if kept and image else None,
         constant=int(constant.sum()),
         examples=original.shape[0],
+        input=input,
     )

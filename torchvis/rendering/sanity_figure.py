@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torch import Tensor
 
 from torchvis.metrics.sanity import SanityResult
 from torchvis.rendering import figure as fig_module
@@ -47,8 +48,10 @@ def sanity_figure(
     width, height = _LABEL + cols * _PANEL, 0.4 + rows * (_PANEL + 0.35)
     figure = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(figure)
-    figure.suptitle(f"cascading randomisation, example {example} (class {int(result.target[example])})",
-                    fontsize=11)
+    target = result.target
+    classes = isinstance(target, Tensor) and target.dim() == 1
+    explained = f"class {int(target[example])}" if classes else "target"  # type: ignore[index]
+    figure.suptitle(f"cascading randomisation, example {example} ({explained})", fontsize=11)
     axes = figure.subplots(rows, cols, squeeze=False)
     for r, method in enumerate(result.methods):
         title = fig_module.title_of(method)

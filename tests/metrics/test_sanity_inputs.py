@@ -1,0 +1,99 @@
+"""The sanity check over tuples of inputs with extra forward arguments and callable targets: one row per
+method, stage and input; SSIM only for image maps."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from conftest import seeded
+from input_kinds import TwoInputs
+from scipy.stats import spearmanr
+from torch import Tensor, nn
+
+import torchvis
+from torchvis.methods import explain
+
+Randn = Callable[..., Tensor]
+
+
+class Chain(nn.Module):
+    """Features ``a`` ``[B,4]`` and ``b`` ``[B,3]`` -> linear -> times a per-example ``gain`` -> linear:
+    the gradient is ``gain * (W2 @ W1)[target]``, split between the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(7, 5, bias=False)
+        self.l2 = nn.Linear(5, 3, bias=False)
+
+    def forward(self, a: Tensor, b: Tensor, gain: Tensor) -> Tensor:
+        return self.l2(self.l1(torch.cat([a, b], dim=1)) * gain[:, None])
+
+
+def redrawn(shape: tuple[int, int], g: torch.Generator) -> Tensor:
+    """PyTorch's default draw of a linear weight: kaiming_uniform_(a=sqrt(5))."""
+    w = torch.empty(shape, dtype=torch.float64)
+    nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
+    return w
+
+
+def test_cascading_randomisation_of_two_inputs_by_hand(randn: Randn) -> None:
+    model = seeded(0, Chain)
+    a, b, gain = randn(1, 4, 4), randn(2, 4, 3), randn(3, 4).exp()
+    w1, w2 = model.l1.weight.detach(), model.l2.weight.detach()
+    target = model(a, b, gain).argmax(dim=1)
+    result = torchvis.sanity_check(model, (a, b), ["saliency"], seed=7, forward_args=(gain,))
+    assert result.stages == ("l2", "l1")
+    g = torch.Generator().manual_seed(7)
+    w2_new = redrawn((3, 5), g)
+    w1_new = redrawn((5, 7), g)
+    products = [w2 @ w1, w2_new @ w1, w2_new @ w1_new]
+    for stage, product in enumerate(products):
+        expected = gain[:, None] * product[target]
+        got = result.maps["saliency"][stage]
+        assert isinstance(got, tuple) and len(got) == 2
+        torch.testing.assert_close(got[0], expected[:, :4])
+        torch.testing.assert_close(got[1], expected[:, 4:])
+    for stage, name in ((1, "l2"), (2, "l1")):
+        for i, part in enumerate((slice(0, 4), slice(4, 7))):
+            row = result.row("saliency", name, input=i)
+            orig = (gain[:, None] * products[0][target])[:, part].numpy()
+            new = (gain[:, None] * products[stage][target])[:, part].numpy()
+            assert row.input == i and row.ssim is None and (row.constant, row.examples) == (0, 4)
+            assert row.spearman_abs == pytest.approx(
+                np.mean([spearmanr(abs(orig[k]), abs(new[k])).statistic for k in range(4)]), abs=1e-12)
+            assert row.spearman == pytest.approx(
+                np.mean([spearmanr(orig[k], new[k]).statistic for k in range(4)]), abs=1e-12)
+    lines = str(result).splitlines()
+    assert lines[0].split()[:2] == ["method", "input"] and len(lines) == 2 + 2 * 2
+    assert result.to_dict()["rows"][1]["input"] == 1
+
+
+def test_image_and_metadata_with_a_cam_and_a_callable_target(randn: Randn) -> None:
+    model = seeded(4, TwoInputs)
+    image, meta, gain, bias = randn(5, 3, 2, 5, 5), randn(6, 3, 4), randn(7, 3).exp(), randn(8, 1, 3)
+
+    def margin(output: Tensor) -> Tensor:
+        return output[:, 2] - output[:, 0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = torchvis.sanity_check(model, (image, meta), ["saliency", "grad_cam"], margin, layer="conv",
+                                       layers=["head", "conv"], forward_args=(gain,),
+                                       forward_kwargs={"bias": bias})
+        expected = explain(copy.deepcopy(model), (image, meta), margin, methods=["saliency", "grad_cam"],
+                           layer="conv", forward_args=(gain,), forward_kwargs={"bias": bias})
+    assert result.target is margin
+    for part, want in zip(result.maps["saliency"][0], expected["saliency"], strict=True):
+        torch.testing.assert_close(part, want, rtol=0, atol=0)
+    torch.testing.assert_close(result.maps["grad_cam"][0], expected["grad_cam"], rtol=0, atol=0)
+    rows = [(row.method, row.stage, row.input, row.ssim is None) for row in result.rows]
+    assert rows == [("saliency", "head", 0, False), ("saliency", "head", 1, True),
+                    ("saliency", "conv", 0, False), ("saliency", "conv", 1, True),
+                    ("grad_cam", "head", 0, False), ("grad_cam", "conv", 0, False)]
+    assert all(row.spearman_abs is not None for row in result.rows)
