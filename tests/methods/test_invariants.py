@@ -12,7 +12,10 @@ import torch
 import torch.nn.modules.module as module_globals
 from torch import Tensor, nn
 
+import torchvis
 from torchvis.methods import METHODS, SPECS, Need, explain
+from torchvis.methods.perturbation import occlusion
+from torchvis.methods.score import score_cam
 
 # Methods that run forward passes only, so they also work under torch.inference_mode().
 GRADIENT_FREE = {name for name, spec in SPECS.items() if Need.PERTURBATION in spec.needs}
@@ -246,3 +249,178 @@ def test_model_that_changes_its_input_in_place(name: str) -> None:
     expected = run(name, twin, x)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+# --- occlusion, Score-CAM, deletion/insertion and the sanity check on other inputs ------------------
+
+
+class TabularHygiene(nn.Module):
+    """features [B,6] times a per-example ``scale`` -> linear -> batch-norm -> ReLU -> dropout -> fuse
+    -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.drop = nn.Dropout(0.5)
+        self.fuse = Fuse()
+        self.lin2 = nn.Linear(5, 3)
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        return self.lin2(self.fuse(self.drop(torch.relu(self.bn(self.lin1(x * scale))))))
+
+
+class TwoInputHygiene(nn.Module):
+    """An image [B,3,6,6] (conv -> batch-norm -> in-place ReLU -> dropout -> fuse -> GAP) and metadata
+    [B,4] (linear), scaled by a per-example ``gain``, plus a shared keyword ``bias``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.fuse = Fuse()
+        self.meta = nn.Linear(4, 4)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, image: Tensor, meta: Tensor, gain: Tensor, *, bias: Tensor) -> Tensor:
+        seen = self.fuse(self.drop(self.relu(self.bn(self.conv(image))))).mean(dim=(2, 3)) * gain[:, None]
+        return self.head(torch.cat([seen, self.meta(meta)], dim=1)) + bias
+
+
+def used_kind(kind: str, mode: str) -> nn.Module:
+    """A model with gradients on its parameters (one None), used batch-norm statistics, given modes."""
+    g = torch.Generator().manual_seed(3)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = (TabularHygiene() if kind == "tabular" else TwoInputHygiene()).double().train()
+        for _ in range(3):
+            args = kind_inputs(kind, g, batch=4)
+            model(*args[0], *args[1], **args[2]).logsumexp(dim=1).sum().backward()
+    next(p for p in reversed(list(model.parameters()))).grad = None
+    model.fuse.calls = 0  # type: ignore[union-attr]
+    if mode == "mixed":
+        model.bn.eval()  # type: ignore[union-attr]
+    return model
+
+
+Call = tuple[tuple[Tensor, ...], tuple[Tensor, ...], dict[str, Tensor]]
+
+
+def kind_inputs(kind: str, g: torch.Generator, batch: int = 2) -> Call:
+    """(attributed inputs, forward_args, forward_kwargs) of a model kind, float64."""
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=g)
+
+    if kind == "tabular":
+        return (randn(batch, 6),), (randn(batch, 6).exp(),), {}
+    return (randn(batch, 3, 6, 6), randn(batch, 4)), (randn(batch).exp(),), {"bias": randn(1, 3)}
+
+
+KIND_CALLS = ["occlusion", "score_cam", "deletion", "insertion", "sanity_check"]
+
+
+def run_kind(call: str, kind: str, model: nn.Module, x: tuple[Tensor, ...], args: tuple[Tensor, ...],
+             kwargs: dict[str, Tensor], maps: Any) -> Any:
+    """One call on a tabular model (one input) or a two-input model (a tuple), with forward arguments."""
+    single = kind == "tabular"
+    xs: Any = x[0] if single else x
+    extra: dict[str, Any] = {"forward_args": args, "forward_kwargs": kwargs}
+    if call == "occlusion":
+        return occlusion(model, xs, 1, window=2 if single else (2, 2), batch_size=3, **extra)
+    if call == "score_cam":
+        return score_cam(model, xs, 1, layer="bn", batch_size=3, **extra)
+    if call == "deletion":
+        return torchvis.deletion(model, xs, maps, 1, pixels_per_step=5, batch_size=3, return_curves=True,
+                                 **extra).scores
+    if call == "insertion":
+        start: Any = 0.25 if single else ("blur", 0.0)
+        return torchvis.insertion(model, xs, maps, None, pixels_per_step=5, start=start, batch_size=3,
+                                  return_curves=True, **extra).scores
+    result = torchvis.sanity_check(model, xs, ["saliency", "occlusion"], 1, window=2 if single else (2, 2),
+                                   **extra)
+    return torch.tensor([[row.spearman_abs, row.spearman] for row in result.rows], dtype=torch.float64)
+
+
+def tensor_state(tensors: tuple[Tensor, ...]) -> list[tuple[Tensor, bool, Tensor | None, int]]:
+    return [(t.detach().clone(), t.requires_grad, None if t.grad is None else t.grad.clone(), t._version)
+            for t in tensors]
+
+
+@pytest.mark.parametrize("x_kind", ["plain", "leaf-with-grad"])
+@pytest.mark.parametrize("mode", ["train", "mixed"])
+@pytest.mark.parametrize("outcome", ["normal", "raise-in-1st-forward", "raise-in-2nd-forward"])
+@pytest.mark.parametrize("kind", ["tabular", "two-inputs"])
+@pytest.mark.parametrize("call", KIND_CALLS)
+def test_other_inputs_leave_everything_as_it_was(call: str, kind: str, outcome: str, mode: str,
+                                                 x_kind: str) -> None:
+    if call == "score_cam" and kind == "tabular":
+        pytest.skip("Score-CAM needs a spatial layer")
+    model = used_kind(kind, mode)
+    eval_twin = copy.deepcopy(model).eval()
+    g = torch.Generator().manual_seed(11)
+    x, args, kwargs = kind_inputs(kind, g)
+    maps = tuple(torch.randn(t.shape, dtype=torch.float64, generator=g) for t in x)
+    maps_arg: Any = maps[0] if kind == "tabular" else maps
+    if x_kind == "leaf-with-grad":
+        for t in x:
+            t.requires_grad_(True)
+            t.grad = torch.full_like(t, 0.25)
+    before = snapshot(model, x[0])
+    before_inputs = tensor_state(x + args + tuple(kwargs.values()))
+    fuse: Fuse = model.fuse  # type: ignore[assignment]
+    if outcome == "raise-in-1st-forward":
+        fuse.fail_at = 1
+        with pytest.raises(Boom):
+            run_kind(call, kind, model, x, args, kwargs, maps_arg)
+        result = None
+    elif outcome == "raise-in-2nd-forward":
+        fuse.fail_at = 2
+        with pytest.raises(Boom):  # every call here runs the model (or its copy) more than once
+            run_kind(call, kind, model, x, args, kwargs, maps_arg)
+        result = None
+    else:
+        result = run_kind(call, kind, model, x, args, kwargs, maps_arg)
+    fuse.fail_at = None
+    assert_untouched(model, x[0], before)
+    assert_same_tensors(before["buffers"], snapshot(model, x[0])["buffers"], "buffer")
+    after_inputs = tensor_state(x + args + tuple(kwargs.values()))
+    for (v0, r0, g0, n0), (v1, r1, g1, n1) in zip(before_inputs, after_inputs, strict=True):
+        assert torch.equal(v0, v1) and r0 == r1 and n0 == n1, "an input or forward argument changed"
+        assert (g0 is None and g1 is None) or (g0 is not None and g1 is not None and torch.equal(g0, g1))
+    if result is not None:
+        plain = tuple(t.detach() for t in x)
+        expected = run_kind(call, kind, eval_twin, plain, args, kwargs, maps_arg)
+        for got, want in zip(result if isinstance(result, tuple) else (result,),
+                             expected if isinstance(expected, tuple) else (expected,), strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, equal_nan=True)
+            assert not got.requires_grad
+
+
+class RectifiesFeatures(TabularHygiene):
+    """TabularHygiene on relu(x), computed in place on the caller's tensor or not."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        return super().forward(torch.relu_(x) if self.inplace else torch.relu(x), scale)
+
+
+@pytest.mark.parametrize("call", ["occlusion", "deletion", "insertion", "sanity_check"])
+def test_a_features_model_that_changes_its_input_in_place(call: str) -> None:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = RectifiesFeatures(inplace=True).double().eval()
+    twin = RectifiesFeatures(inplace=False).double().eval()
+    twin.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(5)
+    x, args, kwargs = kind_inputs("tabular", g)
+    maps = torch.randn(x[0].shape, dtype=torch.float64, generator=g)
+    before = snapshot(model, x[0])
+    got = run_kind(call, "tabular", model, x, args, kwargs, maps)
+    assert_untouched(model, x[0], before)
+    torch.testing.assert_close(got, run_kind(call, "tabular", twin, x, args, kwargs, maps), rtol=0, atol=0,
+                               equal_nan=True)
