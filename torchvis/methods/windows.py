@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from torch import Tensor
@@ -49,12 +50,12 @@ class Grid:
     window: tuple[int, ...]
     stride: tuple[int, ...]
 
-    @property
+    @cached_property
     def starts(self) -> tuple[list[int], ...]:
         steps = zip(self.size, self.window, self.stride, strict=True)
         return tuple(window_starts(n, w, s) for n, w, s in steps)
 
-    @property
+    @cached_property
     def positions(self) -> list[tuple[int, ...]]:
         return list(itertools.product(*self.starts))
 
@@ -66,8 +67,9 @@ class Grid:
     def box(self, start: Sequence[int]) -> tuple[slice, ...]:
         """The index of the window at ``start`` over the non-batch dimensions (cut off at the border
         by slicing)."""
-        lead = (slice(None),) * self.lead
-        return lead + tuple(slice(s, s + w) for s, w in zip(start, self.window, strict=True))
+        boxed = [slice(None)] * self.lead
+        boxed += [slice(s, s + w) for s, w in zip(start, self.window, strict=True)]
+        return tuple(boxed)
 
 
 def _name(index: int | None) -> str:
