@@ -15,7 +15,7 @@ from input_kinds import Signal, Tabular, ThreeInputs, TwoInputs, Volume
 from torch import Tensor, nn
 
 from torchvis.core.targets import class_logit, output_tensor
-from torchvis.methods.perturbation import occlusion
+from torchvis.methods.perturbation import default_batch_size, occlusion
 
 Randn = Callable[..., Tensor]
 
@@ -250,3 +250,9 @@ def test_tuples_of_different_batch_sizes_and_bad_forward_args(randn: Randn) -> N
         occlusion(Untouchable(), (randn(0, 2, 4), randn(1, 3, 4)), 0, window=1)
     with pytest.raises(ValueError, match=r"forward_args\[0\] has shape \[3, 4\]"):
         occlusion(Untouchable(), randn(0, 2, 4), 0, window=1, forward_args=(randn(1, 3, 4),))
+
+
+def test_the_default_batch_counts_every_input_of_a_tuple() -> None:
+    image = torch.zeros(1, 3, 224, 224)
+    assert default_batch_size(image) == 8
+    assert default_batch_size((image, torch.zeros(1, 40_000))) == 6  # 1.2 M values / 190,528 a row

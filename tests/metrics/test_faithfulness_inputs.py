@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import seeded
-from input_kinds import Signal, Tabular, TwoInputs
+from input_kinds import Signal, Tabular, TwoInputs, Volume
 from torch import Tensor, nn
 
 import torchvis
@@ -137,6 +137,20 @@ def test_tabular_matches_the_naive_reference(metric: str, batch_size: int | None
     start, end = (ends[1], ends[0]) if metric == "deletion" else ends
     want = curve_reference(lambda ts, b: model(ts[0][None], scale[b : b + 1]), [x], [a],
                            lambda out, b: out.softmax(dim=1)[0, target[b]].item(), 4, start, end)
+    check(curves, want)
+
+
+def test_a_volume_step_is_a_voxel_across_channels_and_a_coarse_map_is_upsampled_trilinearly(
+    randn: Randn
+) -> None:
+    model = seeded(2, Volume)
+    x, coarse = randn(14, 2, 2, 3, 4, 4), randn(15, 2, 1, 2, 2, 2)
+    curves = torchvis.deletion(model, x, coarse, [1, 2], pixels_per_step=5, baseline=-1.0, batch_size=6,
+                               return_curves=True)
+    upsampled = F.interpolate(coarse, size=(3, 4, 4), mode="trilinear", align_corners=False)
+    want = curve_reference(lambda ts, b: model(ts[0][None]), [x], [upsampled],
+                           lambda out, b: out.softmax(dim=1)[0, [1, 2][b]].item(), 5, [x],
+                           [torch.full_like(x, -1.0)])
     check(curves, want)
 
 
