@@ -319,6 +319,9 @@ def kind_inputs(kind: str, g: torch.Generator, batch: int = 2) -> Call:
 
 
 KIND_CALLS = ["occlusion", "score_cam", "deletion", "insertion", "sanity_check"]
+# Score-CAM needs a spatial layer, which the features model has not.
+CALL_KINDS = [(call, kind) for call in KIND_CALLS for kind in ("tabular", "two-inputs")
+              if (call, kind) != ("score_cam", "tabular")]
 
 
 def run_kind(call: str, kind: str, model: nn.Module, x: tuple[Tensor, ...], args: tuple[Tensor, ...],
@@ -351,11 +354,6 @@ def tensor_state(tensors: tuple[Tensor, ...]) -> list[tuple[Tensor, bool, Tensor
 @pytest.mark.parametrize("x_kind", ["plain", "leaf-with-grad"])
 @pytest.mark.parametrize("mode", ["train", "mixed"])
 @pytest.mark.parametrize("outcome", ["normal", "raise-in-1st-forward", "raise-in-2nd-forward"])
-# Score-CAM needs a spatial layer, which the features model has not.
-CALL_KINDS = [(call, kind) for call in KIND_CALLS for kind in ("tabular", "two-inputs")
-              if (call, kind) != ("score_cam", "tabular")]
-
-
 @pytest.mark.parametrize("call, kind", CALL_KINDS)
 def test_other_inputs_leave_everything_as_it_was(call: str, kind: str, outcome: str, mode: str,
                                                  x_kind: str) -> None:
