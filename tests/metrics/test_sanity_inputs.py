@@ -97,3 +97,10 @@ def test_image_and_metadata_with_a_cam_and_a_callable_target(randn: Randn) -> No
                     ("saliency", "conv", 0, False), ("saliency", "conv", 1, True),
                     ("grad_cam", "head", 0, False), ("grad_cam", "conv", 0, False)]
     assert all(row.spearman_abs is not None for row in result.rows)
+
+
+def test_a_plain_function_is_refused(randn: Randn) -> None:
+    model = seeded(0, Chain)
+    with pytest.raises(TypeError, match="re-initialises the model's layers.*needs an nn.Module"):
+        torchvis.sanity_check(lambda a, b: model(a, b, torch.ones(2)), (randn(0, 2, 4), randn(1, 2, 3)),
+                              ["saliency"])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from torchvis.core.forward import check_finite, guarded
 from torchvis.core.hooks import LayerRef, resolve_layer
-from torchvis.core.inputs import InputLike, as_inputs, check_module
+from torchvis.core.inputs import InputLike, as_inputs
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of
 from torchvis.methods.cam import EmptyMapWarning
 from torchvis.methods.combine import explain
@@ -139,7 +139,11 @@ def sanity_check(
     only for image maps ``[B,C|1,H,W]`` (``None`` otherwise).
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    check_module(model, "sanity_check")
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"sanity_check re-initialises the model's layers (on a copy), so it needs an nn.Module; got a "
+            f"plain {type(model).__name__}"
+        )
     method_list = [methods] if isinstance(methods, str) else list(methods)
     if not method_list:
         raise ValueError("methods is empty; name at least one method")
