@@ -259,15 +259,16 @@ def insertion(
     inputs = _inputs(x, forward_args, forward_kwargs)
     maps = _maps(attributions, inputs)
     begins = []
-    for (value, what), t in zip(_per_input(start, inputs, "start"), inputs.tensors, strict=True):
+    for i, ((value, what), t) in enumerate(zip(_per_input(start, inputs, "start"), inputs.tensors,
+                                               strict=True)):
         if isinstance(value, str):
             if value != "blur":
                 raise ValueError(f"{what} must be 'blur', a number or a tensor; got {value!r}")
             if t.dim() != 4:
+                name = f"x[{i}]" if inputs.was_tuple else "x"
                 raise ValueError(
-                    f"{what}='blur' blurs images [B,C,H,W]; {'x' if what == 'start' else 'x' + what[5:]} has "
-                    f"shape {list(t.shape)}: give it a number or a tensor as its start (e.g. start=0.0, or "
-                    "one per input for a tuple x)"
+                    f"{what}='blur' blurs images [B,C,H,W]; {name} has shape {list(t.shape)}: give it a "
+                    "number or a tensor as its start (e.g. start=0.0, or one per input for a tuple x)"
                 )
             begins.append(blurred(t))
         else:
