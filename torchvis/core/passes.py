@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -104,6 +104,11 @@ def gradient_pass(
             outputs.setdefault(chosen.name, chosen.output)
             warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=4)
         wanted = (leaves if input_grad else []) + list(outputs.values())
+        if wanted and not score.requires_grad:
+            raise ValueError(
+                "the explained score does not depend on the inputs (a detached output, or a callable "
+                "target that detaches it); there is no gradient to attribute"
+            )
         computed = _grad(score.sum(), wanted) if wanted else ()
         check_finite(logits if isinstance(logits, Tensor) else score, *computed)
         grads = iter(computed)
@@ -165,7 +170,7 @@ def shared_passes(
     guided: bool = False,
     eval_mode: bool = True,
     forward_args: object = None,
-    forward_kwargs: dict[str, Any] | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> list[Shared]:
     """Run each pass that is asked for once: the plain one (for ``input_grad`` and ``layers``) and the
     guided one (for ``guided``), both explaining the same target per example.
@@ -197,6 +202,33 @@ def shared_passes(
         return [base]
     return [replace(base, layer=name, activation=plain.activations[name], grad=plain.grads[name])
             for name in plain.layer_names]
+
+
+def target_pass(
+    model: Model,
+    inputs: Inputs,
+    target: Target,
+    *,
+    eval_mode: bool = True,
+    also: Sequence[Sequence[Tensor]] = (),
+) -> tuple[Resolved, Tensor, list[Tensor]]:
+    """One forward of ``inputs`` without gradients that resolves ``target`` for its ``B`` examples, for
+    methods that then run the model on other batches (noisy copies, path points) and explain the same
+    target in each. Returns the resolved target, the explained score per example ``[B]`` and, for each
+    tensor list in ``also`` (other inputs of the same shapes, e.g. the baselines), its score ``[B]``.
+    Raises if the output or a score is not finite."""
+    batch = inputs.batch
+    with guarded(model, inputs.first, eval_mode=eval_mode, grad=False), torch.no_grad():
+        output = inputs.call(model, [t.clone() for t in inputs.tensors])  # a model may change its input
+        resolved = resolve_target(target, output, batch)
+        score = score_of(output, resolved, batch)
+        check_finite(output if isinstance(output, Tensor) else score)
+        others = []
+        for tensors in also:
+            other = inputs.call(model, [t.clone() for t in tensors])
+            others.append(score_of(other, resolved, batch))
+            check_finite(other if isinstance(other, Tensor) else others[-1])
+    return resolved, score, others
 
 
 @dataclass(frozen=True)

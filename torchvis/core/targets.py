@@ -79,6 +79,8 @@ def resolve_target(target: Target, output: object, batch: int | None = None) -> 
             "torchvis.targets.class_in_region(c, mask)) for a segmentation model"
         )
     if output.dim() == 1:
+        if isinstance(target, Tensor) and target.shape == (output.shape[0], 0):
+            return target  # already resolved (a method's batch of noisy copies or path points)
         if target is not None:
             raise ValueError(
                 f"the model returns one score per example (shape {list(output.shape)}); it is explained as "
