@@ -122,12 +122,21 @@ def _class_target(target: Any, logits: Tensor) -> Tensor:
 def _index_target(target: Any, output: Tensor) -> Tensor:
     batch, dims = output.shape[0], list(output.shape[1:])
     k = len(dims)
-    if isinstance(target, tuple) and all(isinstance(as_target(i), int) for i in target):
-        index = torch.tensor([as_target(i) for i in target], dtype=torch.long).expand(batch, -1)
+    if isinstance(target, tuple) and not any(isinstance(i, (Iterable, Tensor)) for i in target):
+        items = [as_target(i) for i in target]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise TypeError(f"target must hold integer indices; got {target!r}")
+        index = torch.tensor(items, dtype=torch.long).expand(batch, -1)
     elif isinstance(target, Tensor):
         index = target
     elif isinstance(target, Iterable) and not isinstance(target, str):
-        index = torch.as_tensor([list(row) for row in target])
+        rows = list(target)
+        if not all(isinstance(row, (tuple, list, Tensor)) for row in rows):
+            raise TypeError(
+                f"the model's output has shape {list(output.shape)}: a list target holds one index tuple "
+                f"per example, e.g. [(3, 1), (0, 1)]; got {target!r}"
+            )
+        index = torch.as_tensor([list(row) for row in rows])
     else:
         raise TypeError(f"target {target!r} cannot index an output of shape {list(output.shape)}")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
