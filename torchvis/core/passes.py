@@ -94,8 +94,10 @@ def gradient_pass(
         with recording as rec, guide as report, auto as maps:
             # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
             logits = inputs.call(model, [leaf.clone() for leaf in leaves])
-            t = resolve_target(target, logits, batch)
-            score = score_of(logits, t, batch)
+        # Outside the hooks and the guided ReLU mode: the score is not part of the model (and ops run
+        # under a torch function mode pay a Python dispatch each).
+        t = resolve_target(target, logits, batch)
+        score = score_of(logits, t, batch)
         if report is not None and report.untreated:
             _warn_untreated(report)
         outputs = {name: _single_call_output(rec, name) for name in named}  # type: ignore[arg-type]
