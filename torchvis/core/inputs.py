@@ -131,7 +131,7 @@ def as_inputs(
         if t.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch")
     batch = tensors[0].shape[0]
-    if len(tensors) > 1:  # (one tensor, no extra arguments: the common call skips what cannot fail)
+    if len(tensors) > 1:  # one tensor has nothing to compare with (the common call stays cheap)
         batches = [t.shape[0] for t in tensors]
         if len(set(batches)) > 1:
             raise ValueError(
