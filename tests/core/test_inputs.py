@@ -140,3 +140,41 @@ def test_inputs_is_frozen() -> None:
     inputs = Inputs((ramp(2, 3),))
     with pytest.raises(AttributeError):
         inputs.was_tuple = True  # type: ignore[misc]
+
+
+class Counting(nn.Module):
+    """An image model that counts its forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        self.calls = 0
+
+    def forward(self, x: Tensor, *rest: Any) -> Tensor:
+        self.calls += 1
+        return self.head(self.conv(x))
+
+
+@pytest.mark.parametrize("name", [n for n in torchvis.METHODS if n not in ("occlusion", "score_cam")])
+@pytest.mark.parametrize(
+    "x, extra, error, match",
+    [
+        ((ramp(2, 3, 6, 6), ramp(3, 5)), {}, ValueError, r"share the batch size B; got \[2, 3\]"),
+        ([ramp(2, 3, 6, 6)], {}, TypeError, "tuple of tensors, not a list"),
+        (ramp(2, 3, 6, 6), {"forward_args": (torch.ones(3, 5),)}, ValueError, r"forward_args\[0\] has shape"),
+    ],
+    ids=["batches", "list", "forward-arg-batch"],
+)
+def test_bad_input_is_refused_before_the_model_runs(
+    name: str, x: Any, extra: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    from conftest import options_for
+
+    model = Counting().double().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        torchvis.METHODS[name](model, x, **options_for(name, layer="conv"), **extra)
+    assert model.calls == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
