@@ -12,7 +12,7 @@ from torch import Tensor
 
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_model, check_module
 from torchvis.core.passes import target_pass
-from torchvis.core.targets import Target, take_target
+from torchvis.core.targets import Target, given_target, take_target
 from torchvis.methods.path import batch_size_for
 from torchvis.methods.spec import Look, MethodSpec, Need, register, spec_of
 
@@ -115,8 +115,11 @@ def _smoothed(
     if noise == 0:
         return spec.function(model, x, target, **options, **extra), None
     batch = inputs.batch
-    # The target explained is the one of the clean input, the same for every noisy copy.
-    resolved, _, _ = target_pass(model, inputs, target, eval_mode=eval_mode)
+    # The target explained is the one of the clean input, the same for every noisy copy; a given one
+    # needs no forward of the clean input.
+    resolved = given_target(target, batch)
+    if resolved is None:
+        resolved, _, _ = target_pass(model, inputs, target, eval_mode=eval_mode)
     xs = [t.detach() for t in inputs.tensors]
     sigmas = []
     for t in xs:

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model
 from torchvis.core.passes import gradient_pass, target_pass
-from torchvis.core.targets import Target, take_target
+from torchvis.core.targets import Target, given_target, take_target
 from torchvis.methods.perturbation import default_batch_size
 from torchvis.methods.spec import Look, Need, register
 
@@ -162,9 +162,12 @@ def integrated_gradients(
     batch_size = batch_size_for(inputs, batch_size)
     xs = [t.detach() for t in inputs.tensors]
     starts = baselines_for(baseline, inputs)
-    # One forward pass of x (and of the baseline, for the gap) resolves the target for every step.
-    targets, score, far = target_pass(model, inputs, target, eval_mode=eval_mode,
-                                      also=[starts] if return_delta else [])
+    # One forward pass of x (and of the baseline, for the gap) resolves the target for every step; a
+    # given target needs none unless the gap is asked for.
+    targets = None if return_delta else given_target(target, inputs.batch)
+    if targets is None:
+        targets, score, far = target_pass(model, inputs, target, eval_mode=eval_mode,
+                                          also=[starts] if return_delta else [])
     batch = inputs.batch
     paths = [t - start for t, start in zip(xs, starts, strict=True)]
     totals = [torch.zeros_like(t) for t in xs]
