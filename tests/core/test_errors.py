@@ -80,13 +80,12 @@ def test_module_object_outside_the_model(model: nn.Module, x: Tensor) -> None:
 
 @pytest.mark.parametrize("name", list(METHODS))
 def test_x_must_be_a_floating_batch_or_a_tuple_of_them(name: str, model: nn.Module, x: Tensor) -> None:
-    if name in ("saliency", "guided_backprop", "gradient_x_input", "occlusion", "score_cam"):  # TODO(inputs)
-        with pytest.raises(ValueError, match=r"share the batch size B; got \[2, 1\]"):
-            call(name, model, (x, x[:1]))
-        with pytest.raises(TypeError, match="tuple of tensors, not a list"):
-            call(name, model, [x])  # type: ignore[arg-type]
-        with pytest.raises(ValueError, match="0-d tensor"):
-            call(name, model, x[0, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"share the batch size B; got \[2, 1\]"):
+        call(name, model, (x, x[:1]))
+    with pytest.raises(TypeError, match="tuple of tensors, not a list"):
+        call(name, model, [x])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="0-d tensor"):
+        call(name, model, x[0, 0, 0, 0])
     with pytest.raises(ValueError, match="floating"):
         call(name, model, x.long())
     with pytest.raises(ValueError, match="empty batch"):
