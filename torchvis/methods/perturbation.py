@@ -21,16 +21,14 @@ __all__ = ["default_batch_size", "occlusion", "window_starts"]
 log = logging.getLogger("torchvis")
 
 
-def _occlude(
-    images: Tensor, fill: Tensor, grid: Grid, positions: list[tuple[int, ...]], lo: int, batch: int
-) -> None:
+def _occlude(images: Tensor, fill: Tensor, boxes: list[tuple[slice, ...]], lo: int, batch: int) -> None:
     """Set the windows of flat indices ``lo .. lo+len(images)`` to the baseline, in place; one slice
     assignment per window, since a window's examples are consecutive."""
     k, hi = lo, lo + images.shape[0]
     while k < hi:
         index, first = divmod(k, batch)
         stop = min(hi, (index + 1) * batch)
-        box = grid.box(positions[index])
+        box = boxes[index]
         rows, src = slice(k - lo, stop - lo), slice(first, first + stop - k)
         images[(rows,) + box] = fill[(src,) + box]
         k = stop
@@ -169,8 +167,8 @@ def _drops(
     Flat index k = window * B + example: a forward batch holds consecutive windows, each for a
     contiguous run of examples, so each window is one slice assignment."""
     batch, device = inputs.batch, inputs.device
-    positions = grid.positions
-    total = len(positions) * batch
+    boxes = grid.boxes
+    total = len(boxes) * batch
     drops = torch.empty(total, dtype=clean.dtype, device=device)
     if engine is not None:
         chunks = list(inc.chunks(engine, total, batch_size))
@@ -183,7 +181,7 @@ def _drops(
             out = inc.occluded_logits(engine, lo, hi)
         else:
             tensors = [t.index_select(0, examples) for t in inputs.tensors]
-            _occlude(tensors[index], fill, grid, positions, lo, batch)
+            _occlude(tensors[index], fill, boxes, lo, batch)
             out = inputs.call(model, tensors, rows=examples)
         drops[lo:hi] = clean[examples] - score_of(out, take_target(target, examples), hi - lo)
     return drops

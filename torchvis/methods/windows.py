@@ -71,6 +71,11 @@ class Grid:
         boxed += [slice(s, s + w) for s, w in zip(start, self.window, strict=True)]
         return tuple(boxed)
 
+    @cached_property
+    def boxes(self) -> list[tuple[slice, ...]]:
+        """:meth:`box` of every window, in the order of :attr:`positions`."""
+        return [self.box(start) for start in self.positions]
+
 
 def _name(index: int | None) -> str:
     return "x" if index is None else f"x[{index}]"
