@@ -8,6 +8,7 @@ backward that stops at the deepest tensor requested.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from torchvis.core import hooks
+from torchvis.core import hooks, layouts
 from torchvis.core.forward import (
     Target,
     check_finite,
@@ -28,7 +29,7 @@ from torchvis.core.forward import (
     guarded,
     resolve_target,
 )
-from torchvis.core.hooks import LayerRef
+from torchvis.core.hooks import LayerAddress
 
 _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
@@ -55,23 +56,29 @@ def gradient_pass(
     x: Tensor,
     target: Target = None,
     *,
-    layers: Sequence[LayerRef | None] = (),
+    layers: Sequence[LayerAddress | None] = (),
     input_grad: bool = False,
     guided: bool = False,
     eval_mode: bool = True,
+    layer_input: bool = False,
 ) -> GradientPass:
     """Gradients of the target logit at the input and/or at ``layers``, from one forward and one backward.
 
-    A ``None`` layer means the last module whose output is still a spatial feature map (see
-    :func:`pick_feature_layer`). With ``guided``, every ReLU's backward follows guided backprop.
+    A ``None`` layer means, for a torchvision-style ViT, the last block's ``ln_1``
+    (:func:`torchvis.core.layouts.vit_layer`), else the last module whose output is still a spatial
+    feature map (see :func:`pick_feature_layer`). A layer may be one element of a tuple output
+    (:func:`torchvis.core.hooks.address`); with ``layer_input`` the layers' inputs are taken instead of
+    their outputs. With ``guided``, every ReLU's backward follows guided backprop. A wrapped model
+    (``torch.compile``, ``DataParallel``) runs as its original module (:func:`hooks.unwrap`).
     """
-    check_input(x)
+    _check_input(x, model, layers)
+    model = hooks.unwrap(model)
     if guided and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise TypeError(
             "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
             "Python); pass the eager nn.Module"
         )
-    requested = [None if layer is None else hooks.resolve_layer(model, layer)[0] for layer in layers]
+    requested = [_layer_key(model, layer) for layer in layers]
     named = [name for name in requested if name is not None]
     with guarded(model, x, eval_mode=eval_mode):
         xi = grad_leaf(x)
@@ -79,9 +86,9 @@ def gradient_pass(
             hooks.guided_relus() if guided else nullcontext()
         )
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model) if None in requested else nullcontext([])
+            hooks.feature_maps(model, x.dim()) if None in requested else nullcontext([])
         )
-        with hooks.capture(model, named) as rec, guide as report, auto as maps:
+        with hooks.capture(model, named, inputs=layer_input) as rec, guide as report, auto as maps:
             # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
             logits = checked_logits(model(xi.clone()), x.shape[0])
         if report is not None and report.untreated:
@@ -133,19 +140,21 @@ def shared_passes(
     target: Target = None,
     *,
     input_grad: bool = False,
-    layers: Sequence[LayerRef | None] = (),
+    layers: Sequence[LayerAddress | None] = (),
     guided: bool = False,
     eval_mode: bool = True,
+    layer_input: bool = False,
 ) -> list[Shared]:
     """Run each pass that is asked for once: the plain one (for ``input_grad`` and ``layers``) and the
     guided one (for ``guided``), both explaining the same class per example.
 
     Returns one :class:`Shared` per requested layer, in the order asked (one without a layer when
-    ``layers`` is empty).
+    ``layers`` is empty). ``layer_input`` as in :func:`gradient_pass`.
     """
     plain = guided_result = None
     if input_grad or layers:
-        plain = gradient_pass(model, x, target, layers=layers, input_grad=input_grad, eval_mode=eval_mode)
+        plain = gradient_pass(model, x, target, layers=layers, input_grad=input_grad, eval_mode=eval_mode,
+                              layer_input=layer_input)
         target = plain.target
     if guided:
         guided_result = gradient_pass(model, x, target, input_grad=True, guided=True, eval_mode=eval_mode)
@@ -180,19 +189,21 @@ class ActivationPass:
 
 
 def activation_pass(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerRef | None, eval_mode: bool = True
+    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerAddress | None, eval_mode: bool = True,
+    layer_input: bool = False,
 ) -> ActivationPass:
     """One forward pass without gradients that records ``layer``'s output (for methods that only
-    read activations, such as Score-CAM). ``layer=None`` as in :func:`gradient_pass`. It also runs
-    under ``torch.inference_mode()``: the recorded outputs must be ordinary tensors, whose in-place
-    changes are tracked, so the pass itself runs outside it."""
-    check_input(x)
-    name = None if layer is None else hooks.resolve_layer(model, layer)[0]
+    read activations, such as Score-CAM). ``layer=None`` and ``layer_input`` as in
+    :func:`gradient_pass`. It also runs under ``torch.inference_mode()``: the recorded outputs must be
+    ordinary tensors, whose in-place changes are tracked, so the pass itself runs outside it."""
+    _check_input(x, model, [layer])
+    model = hooks.unwrap(model)
+    name = _layer_key(model, layer)
     with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode(False), torch.no_grad():
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model) if name is None else nullcontext([])
+            hooks.feature_maps(model, x.dim()) if name is None else nullcontext([])
         )
-        with hooks.capture(model, [] if name is None else [name]) as rec, auto as maps:
+        with hooks.capture(model, [] if name is None else [name], inputs=layer_input) as rec, auto as maps:
             logits = checked_logits(model(x.clone()), x.shape[0])
         if name is None:
             chosen = pick_feature_layer(maps, grad=False)
@@ -203,6 +214,36 @@ def activation_pass(
         check_finite(logits)
         t = resolve_target(target, logits)
     return ActivationPass(logits=logits, target=t, layer=name, activation=output)
+
+
+def _check_input(x: object, model: nn.Module, layers: Sequence[LayerAddress | None]) -> None:
+    """``x`` as :func:`check_input` wants it, ``[B,C,H,W]`` — or ``[B,C,L]`` / ``[B,C,D,H,W]`` for a model
+    whose first convolution is a Conv1d / Conv3d, or ``[B,C,*spatial]`` at a layer of a model without
+    convolutions (a recurrent one)."""
+    convs = (m for m in hooks.unwrap(model).modules() if isinstance(m, nn.modules.conv._ConvNd))
+    first = next(convs, None)
+    rank = None if first is None else len(first.kernel_size)
+    layered = any(layer is not None for layer in layers)
+    if isinstance(x, Tensor) and x.dim() >= 3 and (
+        (rank not in (None, 2) and x.dim() == rank + 2) or (rank is None and layered)
+    ):
+        x = x.flatten(3) if x.dim() > 4 else x[..., None] if x.dim() == 3 else x
+    check_input(x)
+
+
+def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:
+    """The recording key of ``layer``; for ``None`` on a ViT the last block's ``ln_1`` (with a
+    warning), else ``None`` (the last spatial map, found during the pass)."""
+    if layer is not None:
+        return hooks.address(model, layer).key
+    vit = layouts.vit_layer(model)
+    if vit is not None:
+        warnings.warn(
+            f"layer=None: using {vit!r}, the last ViT block's normalised input (tokens [B,N,D], read as "
+            "a patch grid by reshape='auto'); the final encoder.ln sees only the class token's gradient",
+            stacklevel=5,
+        )
+    return vit
 
 
 def _grad(score: Tensor, wanted: list[Tensor]) -> tuple[Tensor, ...]:
@@ -238,16 +279,17 @@ def _warn_untreated(report: hooks.ActivationReport) -> None:
 
 
 def pick_feature_layer(maps: Sequence[hooks.ModuleOutput], *, grad: bool = True) -> hooks.ModuleOutput:
-    """The last module (in order of finishing) whose output is a spatial map ``[B,K,h,w]`` with
-    ``h*w > 1``, that ran once and whose output no later op changed in place — skipping dropout and
-    identity modules, which only pass their input on. For torchvision's ResNet this is ``layer4``.
-    With ``grad`` (a forward run with gradients on) the output must also depend on the input."""
+    """The last module (in order of finishing) whose output is a spatial map ``[B,K,h,w]`` (or
+    ``[B,K,*spatial]`` of the input's rank) with more than one position, that ran once and whose
+    output no later op changed in place — skipping dropout and identity modules, which only pass their
+    input on. For torchvision's ResNet this is ``layer4``. With ``grad`` (a forward run with gradients
+    on) the output must also depend on the input."""
     counts = Counter(seen.name for seen in maps)
     for seen in reversed(maps):
         if (
             counts[seen.name] == 1
             and not isinstance(seen.module, _PASS_THROUGH)
-            and seen.output.shape[-1] * seen.output.shape[-2] > 1
+            and math.prod(seen.output.shape[2:]) > 1
             and seen.output._version == seen.version
             and (seen.output.requires_grad or not grad)
         ):
