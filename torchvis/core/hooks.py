@@ -259,7 +259,8 @@ def capture(model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = 
         def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
             if not args:
                 raise ValueError(f"layer {addr.name!r} was called without a positional input to record")
-            return _replace(args, Address(addr.name, addr.element or 0), record, "was called with")
+            first = Address(addr.name, addr.element or 0)  # recorded under addr.key all the same
+            return _replace(args, first, lambda _, value: record(addr.key, value), "was called with")
 
         return pre_hook
 
@@ -291,7 +292,7 @@ def _replace(value: Any, addr: Address, record: Callable[[str, Tensor], Tensor],
     if not isinstance(value, (tuple, list)):
         raise ValueError(
             f"layer {addr.key!r}: an index needs a tuple, but layer {addr.name!r} {verb} "
-            f"{_describe([value])}; drop the index"
+            f"{_describe_one(value)}; drop the index"
         )
     if not -len(value) <= addr.element < len(value):
         raise ValueError(
@@ -300,7 +301,9 @@ def _replace(value: Any, addr: Address, record: Callable[[str, Tensor], Tensor],
         )
     element = value[addr.element]
     if not isinstance(element, Tensor):
-        raise ValueError(f"layer {addr.key!r} is {_describe([element])}, not a tensor; choose another index")
+        raise ValueError(
+            f"layer {addr.key!r} is {_describe_one(element)}, not a tensor; choose another index"
+        )
     items = list(value)
     items[addr.element] = record(addr.key, element)
     if isinstance(value, list):
@@ -309,14 +312,15 @@ def _replace(value: Any, addr: Address, record: Callable[[str, Tensor], Tensor],
 
 
 def _describe(values: Sequence[Any]) -> str:
-    def one(v: Any) -> str:
-        if isinstance(v, Tensor):
-            return f"Tensor{list(v.shape)}"
-        if isinstance(v, (tuple, list)):
-            return f"{type(v).__name__}({_describe(v)})"
-        return type(v).__name__
+    return ", ".join(f"[{i}] {_describe_one(v)}" for i, v in enumerate(values))
 
-    return ", ".join(f"[{i}] {one(v)}" for i, v in enumerate(values))
+
+def _describe_one(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor{list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}({_describe(value)})"
+    return type(value).__name__
 
 
 class ModuleOutput(NamedTuple):

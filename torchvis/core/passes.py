@@ -72,13 +72,13 @@ def gradient_pass(
     (``torch.compile``, ``DataParallel``) runs as its original module (:func:`hooks.unwrap`).
     """
     _check_input(x, model, layers)
+    requested = [_layer_key(model, layer) for layer in layers]  # names with a wrapper's prefix too
     model = hooks.unwrap(model)
     if guided and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise TypeError(
             "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
             "Python); pass the eager nn.Module"
         )
-    requested = [_layer_key(model, layer) for layer in layers]
     named = [name for name in requested if name is not None]
     with guarded(model, x, eval_mode=eval_mode):
         xi = grad_leaf(x)
@@ -197,8 +197,8 @@ def activation_pass(
     :func:`gradient_pass`. It also runs under ``torch.inference_mode()``: the recorded outputs must be
     ordinary tensors, whose in-place changes are tracked, so the pass itself runs outside it."""
     _check_input(x, model, [layer])
-    model = hooks.unwrap(model)
     name = _layer_key(model, layer)
+    model = hooks.unwrap(model)
     with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode(False), torch.no_grad():
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
             hooks.feature_maps(model, x.dim()) if name is None else nullcontext([])

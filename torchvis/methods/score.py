@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchvis.core import layouts
+from torchvis.core import hooks, layouts
 from torchvis.core.forward import Target, checked_logits, guarded
 from torchvis.core.hooks import LayerAddress
 from torchvis.core.passes import activation_pass
@@ -81,6 +81,7 @@ def score_cam(
     if batch_size is not None and bad_size:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
     probe = activation_pass(model, x, target, layer=layer, eval_mode=eval_mode, layer_input=layer_input)
+    model = hooks.unwrap(model)  # the masked passes too run the module the probe hooked
     if batch_size is None:
         batch_size = default_batch_size(x)
     spatial = tuple(x.shape[2:])
