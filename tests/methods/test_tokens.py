@@ -162,8 +162,9 @@ def test_small_vit_every_layer_method_auto_equals_manual() -> None:
 
 def test_reshape_errors_leave_the_model_untouched() -> None:
     model, x = seeded(4, Tokens), randn(6, 2, 3, 12, 16)
-    with pytest.raises(ValueError, match=r"reshape of layer 'block' \(output \[2, 13, 6\]\) gave shape "
-                                         r"\[2, 6, 12\]; it must give \[B,K,\*spatial\] with B=2 and 2 spatial"):
+    wrong_rank = (r"reshape of layer 'block' \(output \[2, 13, 6\]\) gave shape \[2, 6, 12\]; "
+                  r"it must give \[B,K,\*spatial\] with B=2 and 2 spatial")
+    with pytest.raises(ValueError, match=wrong_rank):
         torchvis.grad_cam(model, x, layer="block", reshape=lambda t: t[:, 1:].transpose(1, 2))
     with pytest.raises(ValueError, match=r"gave list"):
         torchvis.grad_cam(model, x, layer="block",
