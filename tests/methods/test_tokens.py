@@ -80,6 +80,8 @@ def test_auto_layout_reads_tokens_and_channels_last_maps() -> None:
     assert torch.equal(layouts.auto_layout(channels_last, (224, 224), "x"), channels_last.permute(0, 3, 1, 2))
     conv = randn(4, 2, 64, 56, 56)  # read channels first, though (64, 56) would fit too
     assert layouts.auto_layout(conv, (224, 224), "x") is conv
+    cube = randn(4, 2, 7, 7, 7)  # either way is as good: channels first
+    assert layouts.auto_layout(cube, (28, 28), "x") is cube
     first_stage = randn(5, 1, 56, 56, 96)  # (56, 96) fits 224x224 within 2x, (56, 56) exactly
     assert layouts.auto_layout(first_stage, (224, 224), "x").shape == (1, 96, 56, 56)
     assert layouts.patch_size(vit_b_16(weights=None, image_size=32)) == 16
