@@ -14,22 +14,16 @@ from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from torchvis.core import hooks, layouts
-from torchvis.core.forward import (
-    Target,
-    check_finite,
-    check_input,
-    checked_logits,
-    class_score,
-    grad_leaf,
-    guarded,
-    resolve_target,
-)
+from torchvis.core.forward import check_finite, grad_leaf, guarded
 from torchvis.core.hooks import LayerAddress
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, check_module
+from torchvis.core.targets import Resolved, Target, resolve_target, score_of
 
 _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
@@ -38,22 +32,30 @@ _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Ide
 class GradientPass:
     """The result of :func:`gradient_pass`; every tensor detached.
 
-    ``logits`` ``[B, classes]``; ``target`` ``[B]`` int64; ``input_grad`` shaped like ``x`` (if asked);
-    ``activations`` and ``grads`` map each layer's dotted name to ``[B,K,h,w]``; ``layer_names`` gives
-    the name of each requested layer, in the order asked (resolving ``None``).
+    ``logits`` the model's output (``[B, classes]`` for a classifier; any structure with a callable
+    target); ``target`` the resolved target (:func:`torchvis.core.targets.resolve_target`: ``[B]``
+    int64 classes, an index ``[B, k]`` or the callable); ``input_grads`` one gradient per input, each
+    shaped like it (if asked); ``activations`` and ``grads`` map each layer's dotted name to its output
+    ``[B,K,h,w]`` and the score's gradient there; ``layer_names`` gives the name of each requested
+    layer, in the order asked (resolving ``None``).
     """
 
-    logits: Tensor
-    target: Tensor
-    input_grad: Tensor | None
+    logits: Any
+    target: Resolved
+    input_grads: tuple[Tensor, ...] | None
     activations: dict[str, Tensor]
     grads: dict[str, Tensor]
     layer_names: tuple[str, ...]
 
+    @property
+    def input_grad(self) -> Tensor | None:
+        """The gradient at the first input."""
+        return None if self.input_grads is None else self.input_grads[0]
+
 
 def gradient_pass(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike | Inputs,
     target: Target = None,
     *,
     layers: Sequence[LayerAddress | None] = (),
@@ -64,49 +66,63 @@ def gradient_pass(
 ) -> GradientPass:
     """Gradients of the target logit at the input and/or at ``layers``, from one forward and one backward.
 
-    A ``None`` layer means, for a torchvision-style ViT, the last block's ``ln_1``
+    ``x``: a tensor ``[B, ...]``, a tuple of them, or :class:`~torchvis.core.inputs.Inputs` (with extra
+    forward arguments). A ``None`` layer means, for a torchvision-style ViT, the last block's ``ln_1``
     (:func:`torchvis.core.layouts.vit_layer`), else the last module whose output is still a spatial
-    feature map (see :func:`pick_feature_layer`). A layer may be one element of a tuple output
-    (:func:`torchvis.core.hooks.address`); with ``layer_input`` the layers' inputs are taken instead of
-    their outputs. With ``guided``, every ReLU's backward follows guided backprop. A wrapped model
-    (``torch.compile``, ``DataParallel``) runs as its original module (:func:`hooks.unwrap`).
+    feature map of the first input's rank (see :func:`pick_feature_layer`). A layer may be one element
+    of a tuple output (:func:`torchvis.core.hooks.address`); with ``layer_input`` the layers' inputs
+    are taken instead of their outputs. With ``guided``, every ReLU's backward follows guided
+    backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable. A
+    wrapped module (``torch.compile``, ``DataParallel``) runs as its original module
+    (:func:`hooks.unwrap`).
     """
-    _check_input(x, model, layers)
-    requested = [_layer_key(model, layer) for layer in layers]  # names with a wrapper's prefix too
-    model = hooks.unwrap(model)
-    if guided and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+    inputs = as_inputs(x)
+    check_model(model)
+    requested: list[str | None] = []
+    if guided or layers:
+        module = check_module(model, "guided backprop" if guided else "a layer method")
+        requested = [_layer_key(module, layer) for layer in layers]  # names with a wrapper's prefix too
+        model = module = hooks.unwrap(module)
+    if guided and any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
         raise TypeError(
             "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
             "Python); pass the eager nn.Module"
         )
     named = [name for name in requested if name is not None]
-    with guarded(model, x, eval_mode=eval_mode):
-        xi = grad_leaf(x)
+    batch = inputs.batch
+    with guarded(model, inputs.first, eval_mode=eval_mode):
+        leaves = [grad_leaf(t) for t in inputs.tensors]
         guide: AbstractContextManager[hooks.ActivationReport | None] = (
             hooks.guided_relus() if guided else nullcontext()
         )
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model, x.dim()) if None in requested else nullcontext([])
+            hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
+            if None in requested else nullcontext([])
         )
-        with hooks.capture(model, named, inputs=layer_input) as rec, guide as report, auto as maps:
+        recording = (
+            hooks.capture(model, named, inputs=layer_input) if named else nullcontext(None)  # type: ignore[arg-type]
+        )
+        with recording as rec, guide as report, auto as maps:
             # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
-            logits = checked_logits(model(xi.clone()), x.shape[0])
+            logits = inputs.call(model, [leaf.clone() for leaf in leaves])
+            t = resolve_target(target, logits, batch)
+            score = score_of(logits, t, batch)
         if report is not None and report.untreated:
             _warn_untreated(report)
-        outputs = {name: _single_call_output(rec, name) for name in named}
+        outputs = {name: _single_call_output(rec, name) for name in named}  # type: ignore[arg-type]
         if None in requested:
             chosen = pick_feature_layer(maps)
             outputs.setdefault(chosen.name, chosen.output)
             warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=4)
-        t = resolve_target(target, logits)
-        wanted = ([xi] if input_grad else []) + list(outputs.values())
-        computed = _grad(class_score(logits, t), wanted) if wanted else ()
-        check_finite(logits, *computed)
+        wanted = (leaves if input_grad else []) + list(outputs.values())
+        computed = _grad(score.sum(), wanted) if wanted else ()
+        check_finite(logits if isinstance(logits, Tensor) else score, *computed)
         grads = iter(computed)
+        input_grads = tuple(next(grads) for _ in leaves) if input_grad else None
     return GradientPass(
-        logits=logits.detach(),
+        logits=logits.detach() if isinstance(logits, Tensor) else logits,
         target=t,
-        input_grad=next(grads) if input_grad else None,
+        input_grads=input_grads,
         activations={name: out.detach() for name, out in outputs.items()},
         grads={name: next(grads) for name in outputs},
         layer_names=tuple(chosen.name if name is None else name for name in requested),
@@ -117,56 +133,78 @@ def gradient_pass(
 class Shared:
     """What the shared passes give one method at one layer; every tensor detached.
 
-    ``x`` the input ``[B,C,H,W]``; ``target`` the class explained per example, ``[B]`` int64;
-    ``input_grad`` the plain gradient at ``x`` and ``guided_grad`` the guided-backprop one (shape of
-    ``x``); ``activation`` and ``grad`` the output of the layer named ``layer`` ``[B,K,h,w]`` and the
-    target logit's gradient there; ``logits`` the model's output ``[B, classes]``. A field is ``None``
-    when no requested method needs it.
+    ``inputs`` the attributed inputs (:class:`~torchvis.core.inputs.Inputs`; ``x`` the first, the
+    image for the methods that draw over it); ``target`` the resolved target (``[B]`` int64 classes
+    for a classifier); ``input_grads`` the plain gradient at each input and ``guided_grads`` the
+    guided-backprop one (each shaped like its input); ``activation`` and ``grad`` the output of the
+    layer named ``layer`` ``[B,K,h,w]`` and the score's gradient there; ``logits`` the model's output
+    (``[B, classes]`` for a classifier). A field is ``None`` when no requested method needs it.
     """
 
-    x: Tensor
-    target: Tensor
-    logits: Tensor
-    input_grad: Tensor | None = None
-    guided_grad: Tensor | None = None
+    inputs: Inputs
+    target: Resolved
+    logits: Any
+    input_grads: tuple[Tensor, ...] | None = None
+    guided_grads: tuple[Tensor, ...] | None = None
     layer: str | None = None
     activation: Tensor | None = None
     grad: Tensor | None = None
 
+    @property
+    def x(self) -> Tensor:
+        """The first input."""
+        return self.inputs.first
+
+    @property
+    def input_grad(self) -> Tensor | None:
+        """The plain gradient at the first input."""
+        return None if self.input_grads is None else self.input_grads[0]
+
+    @property
+    def guided_grad(self) -> Tensor | None:
+        """The guided gradient at the first input."""
+        return None if self.guided_grads is None else self.guided_grads[0]
+
 
 def shared_passes(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike | Inputs,
     target: Target = None,
     *,
     input_grad: bool = False,
     layers: Sequence[LayerAddress | None] = (),
     guided: bool = False,
     eval_mode: bool = True,
+    forward_args: object = None,
+    forward_kwargs: dict[str, Any] | None = None,
     layer_input: bool = False,
 ) -> list[Shared]:
     """Run each pass that is asked for once: the plain one (for ``input_grad`` and ``layers``) and the
-    guided one (for ``guided``), both explaining the same class per example.
+    guided one (for ``guided``), both explaining the same target per example.
 
-    Returns one :class:`Shared` per requested layer, in the order asked (one without a layer when
-    ``layers`` is empty). ``layer_input`` as in :func:`gradient_pass`.
+    ``x`` a tensor ``[B, ...]`` or a tuple of them; ``forward_args``/``forward_kwargs`` passed to the
+    model after it (see :mod:`torchvis.core.inputs`). Returns one :class:`Shared` per requested layer,
+    in the order asked (one without a layer when ``layers`` is empty). ``layer_input`` as in
+    :func:`gradient_pass`.
     """
+    inputs = as_inputs(x, forward_args, forward_kwargs)
     plain = guided_result = None
     if input_grad or layers:
-        plain = gradient_pass(model, x, target, layers=layers, input_grad=input_grad, eval_mode=eval_mode,
-                              layer_input=layer_input)
+        plain = gradient_pass(model, inputs, target, layers=layers, input_grad=input_grad,
+                              eval_mode=eval_mode, layer_input=layer_input)
         target = plain.target
     if guided:
-        guided_result = gradient_pass(model, x, target, input_grad=True, guided=True, eval_mode=eval_mode)
+        guided_result = gradient_pass(model, inputs, target, input_grad=True, guided=True,
+                                      eval_mode=eval_mode)
         target = guided_result.target
     if plain is None and guided_result is None:
         raise ValueError("shared_passes needs input_grad, layers or guided")
     base = Shared(
-        x=x,
+        inputs=inputs,
         target=(plain or guided_result).target,  # type: ignore[union-attr]
         logits=(plain or guided_result).logits,  # type: ignore[union-attr]
-        input_grad=plain.input_grad if plain is not None else None,
-        guided_grad=guided_result.input_grad if guided_result is not None else None,
+        input_grads=plain.input_grads if plain is not None else None,
+        guided_grads=guided_result.input_grads if guided_result is not None else None,
     )
     if plain is None or not plain.layer_names:
         return [base]
@@ -178,57 +216,50 @@ def shared_passes(
 class ActivationPass:
     """The result of :func:`activation_pass`; every tensor detached.
 
-    ``logits`` ``[B, classes]``; ``target`` ``[B]`` int64; ``layer`` the dotted name of the layer
-    (resolving ``None``) and ``activation`` its output ``[B,K,h,w]``.
+    ``logits`` the model's output (``[B, classes]`` for a classifier); ``target`` resolved as in
+    :class:`GradientPass`; ``layer`` the dotted name of the layer (resolving ``None``) and
+    ``activation`` its output ``[B,K,h,w]``.
     """
 
-    logits: Tensor
-    target: Tensor
+    logits: Any
+    target: Resolved
     layer: str
     activation: Tensor
 
 
 def activation_pass(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerAddress | None, eval_mode: bool = True,
+    model: Model,
+    x: InputLike | Inputs,
+    target: Target = None,
+    *,
+    layer: LayerAddress | None,
+    eval_mode: bool = True,
     layer_input: bool = False,
 ) -> ActivationPass:
     """One forward pass without gradients that records ``layer``'s output (for methods that only
     read activations, such as Score-CAM). ``layer=None`` and ``layer_input`` as in
     :func:`gradient_pass`. It also runs under ``torch.inference_mode()``: the recorded outputs must be
     ordinary tensors, whose in-place changes are tracked, so the pass itself runs outside it."""
-    _check_input(x, model, [layer])
+    inputs = as_inputs(x)
+    model = check_module(model, "a layer method")
     name = _layer_key(model, layer)
     model = hooks.unwrap(model)
-    with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode(False), torch.no_grad():
+    with guarded(model, inputs.first, eval_mode=eval_mode, grad=False), torch.inference_mode(False), \
+            torch.no_grad():
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model, x.dim()) if name is None else nullcontext([])
+            hooks.feature_maps(model, inputs.first.dim()) if name is None else nullcontext([])
         )
         with hooks.capture(model, [] if name is None else [name], inputs=layer_input) as rec, auto as maps:
-            logits = checked_logits(model(x.clone()), x.shape[0])
+            logits = inputs.call(model, [t.clone() for t in inputs.tensors])
         if name is None:
             chosen = pick_feature_layer(maps, grad=False)
             name, output = chosen.name, chosen.output
             warnings.warn(f"layer=None: using {name!r}, the last spatial feature map", stacklevel=3)
         else:
             output = _single_call_output(rec, name)
-        check_finite(logits)
-        t = resolve_target(target, logits)
+        t = resolve_target(target, logits, inputs.batch)
+        check_finite(logits if isinstance(logits, Tensor) else score_of(logits, t, inputs.batch))
     return ActivationPass(logits=logits, target=t, layer=name, activation=output)
-
-
-def _check_input(x: object, model: nn.Module, layers: Sequence[LayerAddress | None]) -> None:
-    """``x`` as :func:`check_input` wants it, ``[B,C,H,W]`` — or ``[B,C,L]`` / ``[B,C,D,H,W]`` for a model
-    whose first convolution is a Conv1d / Conv3d, or ``[B,C,*spatial]`` at a layer of a model without
-    convolutions (a recurrent one)."""
-    convs = (m for m in hooks.unwrap(model).modules() if isinstance(m, nn.modules.conv._ConvNd))
-    first = next(convs, None)
-    rank = None if first is None else len(first.kernel_size)
-    layered = any(layer is not None for layer in layers)
-    if isinstance(x, Tensor) and x.dim() >= 3 and (
-        (rank not in (None, 2) and x.dim() == rank + 2) or (rank is None and layered)
-    ):
-        x = x.flatten(3) if x.dim() > 4 else x[..., None] if x.dim() == 3 else x
-    check_input(x)
 
 
 def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:

@@ -109,7 +109,7 @@ class MethodSpec:
 
 
 # Arguments every method takes that are not options of its own.
-_COMMON = ("model", "x", "target", "layer", "eval_mode")
+_COMMON = ("model", "x", "target", "layer", "eval_mode", "forward_args", "forward_kwargs")
 
 _SPECS: dict[str, MethodSpec] = {}
 
