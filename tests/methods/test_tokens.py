@@ -179,7 +179,10 @@ def test_reshape_errors_leave_the_model_untouched() -> None:
     with pytest.raises(ValueError, match=r"reshape must be None, 'auto' or a callable; got 'tokens'"):
         torchvis.grad_cam(model, x, layer="block", reshape="tokens")
     # Without reshape, tokens [B,N,D] would read as N channels along D: a 1-D map of an image.
-    with pytest.raises(ValueError, match=r"cannot be upsampled to an input of shape \[2, 3, 12, 16\]"):
+    rank = (r"input's 2 spatial dimension\(s\), \[B,K,\*spatial\]; got shape \[2, 13, 6\] from layer "
+            r"'block' for an input of shape \[2, 3, 12, 16\]. Tokens \[B,N,D\] or a channels-last map\? "
+            r"pass reshape='auto'")
+    with pytest.raises(ValueError, match=rank):
         torchvis.grad_cam(model, x, layer="block")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert all(not m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())

@@ -55,15 +55,23 @@ def accumulate(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def check_feature_map(activation: Tensor, method: str = "Grad-CAM", layer: str | None = None) -> None:
-    """``activation`` must be a feature map ``[B,K,*spatial]`` with at least one spatial dimension: a
-    CAM of ``method`` needs a spatial layer."""
+def check_feature_map(
+    activation: Tensor, method: str = "Grad-CAM", layer: str | None = None, x: Tensor | None = None
+) -> None:
+    """``activation`` must be a feature map ``[B,K,*spatial]`` with at least one spatial dimension — as
+    many as the input ``x`` has, when given: a CAM of ``method`` needs a spatial layer."""
+    at = f" from layer {layer!r}" if layer else ""
     if activation.dim() < 3:
-        at = f" from layer {layer!r}" if layer else ""
         raise ValueError(
             f"{method} needs a layer whose output is a feature map [B,K,h,w]; got shape "
             f"{list(activation.shape)}{at}, without spatial dimensions (any [B,K,*spatial] will do: "
             "[B,K,L] from a Conv1d, [B,K,d,h,w] from a Conv3d)"
+        )
+    if x is not None and activation.dim() != x.dim():
+        raise ValueError(
+            f"{method} needs a layer whose output is a feature map with the input's {x.dim() - 2} spatial "
+            f"dimension(s), [B,K,*spatial]; got shape {list(activation.shape)}{at} for an input of shape "
+            f"{list(x.shape)}. Tokens [B,N,D] or a channels-last map? pass reshape='auto' or a callable"
         )
 
 
@@ -156,7 +164,7 @@ def cam_map(
 ) -> Tensor:
     """:func:`cam` in ``x``'s dtype, at ``x``'s size unless not ``upsample``: ``[B,1,*x.shape[2:]]`` or
     the layer's. Warns (:class:`EmptyMapWarning`) when the map is exactly zero for some examples."""
-    check_feature_map(activation, layer=layer_name)
+    check_feature_map(activation, layer=layer_name, x=x)
     heat = grad_cam_heat(accumulate(activation), accumulate(grad))
     warn_if_empty(heat.clamp_min(0) if relu else heat, activation, layer_name)
     return finish_cam(heat, x, relu=relu, upsample=upsample)
@@ -187,7 +195,7 @@ def guided_grad_cam_from(
     """:func:`guided_grad_cam` from the shared plain pass (at one layer) and guided pass."""
     assert shared.guided_grad is not None
     activation, grad = layer_maps(shared, reshape)
-    check_feature_map(activation, "guided Grad-CAM", shared.layer)
+    check_feature_map(activation, "Grad-CAM", shared.layer, shared.x)
     return guided_cam(shared.guided_grad, activation, grad, shared.x, upsample)
 
 

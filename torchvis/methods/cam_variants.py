@@ -78,7 +78,7 @@ def _variant_from(
 ) -> Tensor:
     activation, grad = layer_maps(shared, reshape)
     layer = shared.layer or "the layer"
-    check_feature_map(activation, _TITLES[heat], layer)
+    check_feature_map(activation, _TITLES[heat], layer, shared.x)
     value = heat(accumulate(activation), accumulate(grad))
     warn_if_empty(value.clamp_min(0) if relu else value, activation, layer)
     return finish_cam(value, shared.x, relu=relu, upsample=upsample)

@@ -87,13 +87,7 @@ def score_cam(
     spatial = tuple(x.shape[2:])
     reading = default_reshape(model, layer, reshape)
     activation = layouts.to_feature_map(probe.activation, reading, spatial, probe.layer)
-    check_feature_map(activation, "Score-CAM", probe.layer)
-    if activation.dim() != x.dim():
-        raise ValueError(
-            f"Score-CAM masks the input with layer {probe.layer!r}'s channels, but its map "
-            f"{list(activation.shape)} and the input {list(x.shape)} differ in spatial dimensions; pass "
-            "a reshape"
-        )
+    check_feature_map(activation, "Score-CAM", probe.layer, x)
     scores = channel_scores(model, x, activation, probe.target, batch_size=batch_size, eval_mode=eval_mode)
     if torch.isnan(scores).any():
         raise ValueError("the model output contains NaN for a masked input; Score-CAM cannot weigh channels")
