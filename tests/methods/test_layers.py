@@ -334,6 +334,18 @@ def test_wrapped_models_give_the_eager_maps(wrap: str) -> None:
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_a_ddp_wrapper_is_unwrapped() -> None:
+    # A real DistributedDataParallel needs a process group; an instance built without one holds .module.
+    model, x = seeded(34, image_net), randn(35, 2, 3, 8, 8)
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = model
+    assert hooks.unwrap(ddp) is model
+    assert hooks.resolve_layer(ddp, "module.3") == ("3", model[3])
+    expected = torchvis.layer_cam(model, x, 2, layer="3")
+    assert torch.equal(torchvis.layer_cam(ddp, x, 2, layer="module.3"), expected)
+
+
 def test_hooks_through_a_stand_in_wrapper_would_not_fire() -> None:
     # Why unwrapping matters: calling the wrapper never runs the original module's hooks.
     model, x = seeded(32, image_net), randn(33, 1, 3, 8, 8)
