@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchvis.core import layouts
-from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerAddress
+from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
+from torchvis.core.targets import Target
 from torchvis.methods.spec import Look, Need, register
 
 Upsample = bool | str | None
@@ -200,18 +203,20 @@ def guided_grad_cam_from(
 
 
 def default_reshape(
-    model: nn.Module, layer: LayerAddress | None, reshape: layouts.Reshape
+    model: Model, layer: LayerAddress | None, reshape: layouts.Reshape
 ) -> layouts.Reshape:
     """``reshape`` for a method on ``model``: ``"auto"`` bound to the model's patch size, and
     ``"auto"`` where ``layer=None`` picks a ViT block (tokens are no ``[B,K,L]`` map)."""
+    if not isinstance(model, nn.Module):  # refused by the pass: a layer method needs a module
+        return reshape
     if reshape is None and layer is None and layouts.vit_layer(model) is not None:
         reshape = "auto"
     return layouts.bind(reshape, model)
 
 
 def grad_cam(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     layer: LayerAddress | None = None,
@@ -220,6 +225,8 @@ def grad_cam(
     reshape: layouts.Reshape = None,
     layer_input: bool = False,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Grad-CAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
@@ -228,15 +235,19 @@ def grad_cam(
     feature map (``layer4`` for torchvision's ResNet; a ViT's last block's ``ln_1``, read with
     ``reshape="auto"``) and warns which. Grad-CAM wants a rectified map: the output of a ReLU (or a
     pooling after it), not the convolution before it. The backward pass stops at the layer.
-    ``layer``, ``layer_input``, ``reshape`` and ``upsample`` as in :mod:`torchvis.methods.cam`.
+    ``layer``, ``layer_input``, ``reshape`` and ``upsample`` as in :mod:`torchvis.methods.cam`. ``x``
+    may be a tuple of inputs: the map is drawn over the first (upsampled to its size);
+    ``forward_args``/``forward_kwargs`` go to the model (see :mod:`torchvis.core.inputs`). Needs an
+    ``nn.Module`` (it reads the layer through hooks).
     """
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input)
+    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input,
+                              forward_args=forward_args, forward_kwargs=forward_kwargs)
     return grad_cam_from(shared, relu=relu, upsample=upsample, reshape=default_reshape(model, layer, reshape))
 
 
 def guided_grad_cam(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     layer: LayerAddress | None = None,
@@ -244,15 +255,19 @@ def guided_grad_cam(
     reshape: layouts.Reshape = None,
     layer_input: bool = False,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """Guided backprop times the upsampled Grad-CAM at ``layer``. Returns the shape of ``x``.
+    """Guided backprop times the upsampled Grad-CAM at ``layer``. Returns the shape of ``x`` (of its
+    first input when ``x`` is a tuple: the CAM is drawn over it).
 
     Selvaraju et al., ICCV 2017, section 3.2. Two passes: one plain (for the CAM), one guided; both
     explain the same class (the first pass resolves ``target``). ``layer=None`` as in :func:`grad_cam`;
     ``upsample`` ``True``/``"bilinear"`` or ``"nearest"`` (Captum's default for ``GuidedGradCam``).
     """
     (shared,) = shared_passes(model, x, target, layers=[layer], guided=True, eval_mode=eval_mode,
-                              layer_input=layer_input)
+                              layer_input=layer_input, forward_args=forward_args,
+                              forward_kwargs=forward_kwargs)
     return guided_grad_cam_from(shared, upsample=upsample, reshape=default_reshape(model, layer, reshape))
 
 

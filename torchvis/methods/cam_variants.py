@@ -10,15 +10,17 @@ every variant at every layer from the one pass it runs for saliency and Grad-CAM
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from torchvis.core import layouts
-from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerAddress
+from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
+from torchvis.core.targets import Target
 from torchvis.methods.cam import (
     Upsample,
     accumulate,
@@ -85,10 +87,12 @@ def _variant_from(
 
 
 def _variant(
-    heat: Heat, model: nn.Module, x: Tensor, target: Target, layer: LayerAddress | None, relu: bool,
-    upsample: Upsample, reshape: layouts.Reshape, layer_input: bool, eval_mode: bool,
+    heat: Heat, model: Model, x: InputLike, target: Target, layer: LayerAddress | None, relu: bool,
+    upsample: Upsample, reshape: layouts.Reshape, layer_input: bool, eval_mode: bool, forward_args: Any,
+    forward_kwargs: Mapping[str, Any] | None,
 ) -> Tensor:
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input)
+    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input,
+                              forward_args=forward_args, forward_kwargs=forward_kwargs)
     return _variant_from(heat, shared, relu, upsample, default_reshape(model, layer, reshape))
 
 
@@ -125,9 +129,9 @@ def hires_cam_from(
 
 
 def grad_cam_pp(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerAddress | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
     relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
-    eval_mode: bool = True,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Grad-CAM++ at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
@@ -137,16 +141,16 @@ def grad_cam_pp(
     ``w_k = sum_ij alpha_ij ReLU(g_ij)``; map ``ReLU(sum_k w_k A_k)``. torchcam 0.5 divides alpha on a
     copy (boolean indexing copies), so its alpha stays ``g^2``, and sums ``A * g^3`` instead of
     ``sum A * g^3``. ``layer``, ``relu``, ``upsample``, ``reshape``, ``layer_input`` as in
-    :func:`torchvis.grad_cam`.
+    :func:`torchvis.grad_cam` (also a tuple ``x``, ``forward_args``).
     """
     return _variant(grad_cam_pp_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
-                    eval_mode)
+                    eval_mode, forward_args, forward_kwargs)
 
 
 def xgrad_cam(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerAddress | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
     relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
-    eval_mode: bool = True,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """XGrad-CAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
@@ -156,13 +160,13 @@ def xgrad_cam(
     :func:`torchvis.grad_cam` (also ``reshape``, ``layer_input``).
     """
     return _variant(xgrad_cam_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
-                    eval_mode)
+                    eval_mode, forward_args, forward_kwargs)
 
 
 def layer_cam(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerAddress | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
     relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
-    eval_mode: bool = True,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """LayerCAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
@@ -172,13 +176,13 @@ def layer_cam(
     ``layer_input`` as in :func:`torchvis.grad_cam`.
     """
     return _variant(layer_cam_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
-                    eval_mode)
+                    eval_mode, forward_args, forward_kwargs)
 
 
 def hires_cam(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerAddress | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
     relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
-    eval_mode: bool = True,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """HiResCAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
@@ -188,7 +192,7 @@ def hires_cam(
     :func:`torchvis.grad_cam` (also ``reshape``, ``layer_input``).
     """
     return _variant(hires_cam_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
-                    eval_mode)
+                    eval_mode, forward_args, forward_kwargs)
 
 
 register("grad_cam_pp", grad_cam_pp, needs=Need.LAYER_GRADIENT, from_pass=grad_cam_pp_from,

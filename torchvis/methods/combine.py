@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from torchvis.core.hooks import LayerAddress, address
-from torchvis.core.inputs import InputLike, Model, as_inputs
+from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
 from torchvis.methods.cam import default_reshape
@@ -105,7 +105,7 @@ def explain_batch(
             for ref, shared in zip(layers, passes, strict=True) if spec.takes_layer else [(None, passes[0])]:
                 key = layer_key(spec.name, shared.layer, many) if spec.takes_layer else spec.name
                 kwargs = dict(routed[spec.name])
-                if "reshape" in spec.options and isinstance(model, nn.Module):
+                if "reshape" in spec.options:
                     kwargs["reshape"] = default_reshape(model, ref, kwargs.get("reshape"))
                 results[key] = spec.from_pass(shared, **kwargs)
 
@@ -156,11 +156,7 @@ def layer_key(method: str, layer: str | None, many: bool) -> str:
 
 
 def _layer_name(model: Model, layer: LayerAddress | None) -> str:
-    if layer is None:
-        return "auto"
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"a layer method needs an nn.Module, not {type(model).__name__}")
-    return address(model, layer).key
+    return "auto" if layer is None else address(check_module(model, "a layer method"), layer).key
 
 
 def _indexed(layer: tuple[object, ...]) -> bool:
