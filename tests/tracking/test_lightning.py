@@ -253,8 +253,8 @@ def test_bad_arguments_fail_at_construction() -> None:
         AttributionCallback(probe_x, probe_y, every_n_steps=0)
     with pytest.raises(ValueError, match="nothing would be logged"):
         AttributionCallback(probe_x, probe_y, every_n_steps=None)
-    with pytest.raises(ValueError, match="add a batch dimension"):
-        AttributionCallback(probe_x[0], probe_y)
+    with pytest.raises(ValueError, match="must share the batch size"):  # any input kind, checked here
+        AttributionCallback((probe_x, probe_x[:3]), probe_y)
     with pytest.raises(ValueError, match="needs the probe's labels"):
         AttributionCallback(probe_x, None)  # type: ignore[arg-type]
 

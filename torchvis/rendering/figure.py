@@ -210,11 +210,13 @@ def _cells(inputs: tuple[Tensor, ...], i: int, maps: Mapping[str, Tensor | tuple
             columns.append([value] * batch)
             continue
         attr = dict(kinds.paired(inputs, value)).get(i)
-        problem = "no map for this input" if attr is None else kinds.undrawable(x, attr)
+        if attr is None:
+            columns.append(["no map for this input"] * batch)
+            continue
+        problem = kinds.undrawable(x, attr)
         if problem is not None:
-            if attr is not None:
-                warnings.warn(f"{key} of input {i}: cannot draw {problem}", kinds.UndrawableWarning, stacklevel=3)
-            columns.append([problem] * batch)
+            warnings.warn(f"{key} of input {i}: cannot draw {problem}", kinds.UndrawableWarning, stacklevel=3)
+            columns.append([f"cannot draw {problem}"] * batch)
         elif kind is kinds.Kind.IMAGE:
             columns.append(_render(key, attr, x))
         else:

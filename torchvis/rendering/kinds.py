@@ -120,7 +120,7 @@ def feature_names_per_input(
     else:
         if len(entries) != len(inputs):
             raise ValueError(f"feature_names has {len(entries)} entries for {len(inputs)} inputs")
-        per_input = [None if n is None else list(n) for n in entries]  # type: ignore[union-attr]
+        per_input = [None if n is None else list(n) for n in entries]
     for i, names in enumerate(per_input):
         if names is None:
             continue
@@ -200,7 +200,8 @@ def map_pictures(attr: Tensor, shown: Tensor, look: Look, names: Sequence[str] |
         return _volume_map(attr, shown, look)
     if kind is Kind.SIGNAL:
         strips = heat_strip(attr, look, shown.shape[-1])
-        return [functools.partial(plots.draw_signal, signal=s, strip=c) for s, c in zip(shown, strips, strict=True)]
+        return [functools.partial(plots.draw_signal, signal=s, strip=c)
+                for s, c in zip(shown, strips, strict=True)]
     assert kind is Kind.TABULAR
     labels = plots.feature_names_for(shown.shape[1], names)
     colours = bar_colours(attr, look)

@@ -48,9 +48,9 @@ from torch import Tensor, nn
 from torch.utils.tensorboard import summary
 
 from torchvis.core.forward import Target, as_target, guarded, resolve_target
+from torchvis.core.hooks import LayerRef, resolve_layer
 from torchvis.core.inputs import InputLike, Inputs, as_inputs
 from torchvis.core.targets import is_function, score_of
-from torchvis.core.hooks import LayerRef, resolve_layer
 from torchvis.methods.combine import explain, unique_specs
 from torchvis.methods.spec import Look, MethodSpec
 from torchvis.rendering import image, kinds, plots
@@ -142,13 +142,15 @@ def log_attributions(
         explained: Any = target
     else:
         if class_names is not None and len(class_names) != logits.shape[1]:
-            raise ValueError(f"class_names has {len(class_names)} names; the model has {logits.shape[1]} classes")
+            raise ValueError(
+                f"class_names has {len(class_names)} names; the model has {logits.shape[1]} classes")
         if y is not None and int(y.max()) >= logits.shape[1]:
             raise ValueError(f"labels go up to {int(y.max())}; the model has {logits.shape[1]} classes")
         predicted = logits.argmax(dim=1)
         resolved = explained = predicted if target is None else resolve_target(target, logits)
     maps = explain(model, x if inputs.was_tuple else x[0], explained, methods=methods, layer=layer,
-                   forward_args=inputs.forward_args or None, forward_kwargs=inputs.forward_kwargs or None,
+                   forward_args=inputs.forward_args or None,
+                   forward_kwargs=dict(inputs.forward_kwargs) or None,
                    **options)
 
     names = kinds.feature_names_per_input(feature_names, x)
@@ -164,7 +166,8 @@ def log_attributions(
         for i, attr in kinds.paired(x, value):
             tag = f"{prefix}/{key}{suffix[i]}"
             if _drawable(tag, x[i], attr):
-                pictures[tag] = kinds.map_pictures(attr.float(), shown[i], image.look_of(key, looks), names[i])
+                look = image.look_of(key, looks)
+                pictures[tag] = kinds.map_pictures(attr.float(), shown[i], look, names[i])
     # Small inputs are enlarged (whole factor, nearest neighbour) so that a 28 px digit is legible.
     columns = image.grid_columns(batch)
     logged = {tag: _logged(p, columns) for tag, p in pictures.items()}
@@ -176,7 +179,7 @@ def log_attributions(
         classes = list(class_names) if class_names is not None else [str(c) for c in range(logits.shape[1])]
         shown_target: list[int | str] | None = None
         if is_function(target):
-            shown_target = [f"target: {target_name(target)}"] * batch
+            shown_target = [f"target: {target_name(target)}"] * batch  # type: ignore[arg-type]
         elif target is not None:
             shown_target = explained.tolist()
         text = classes_text(classes, predicted.tolist(), probability.tolist(),
@@ -219,7 +222,9 @@ def _logged(pictures: kinds.Pictures, columns: int) -> Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
 
 
-def moved(inputs: Inputs, device: torch.device, dtype: torch.dtype | None = None, *, copy: bool = False) -> Inputs:
+def moved(
+    inputs: Inputs, device: torch.device, dtype: torch.dtype | None = None, *, copy: bool = False
+) -> Inputs:
     """``inputs`` on ``device``: the attributed tensors detached (and in ``dtype`` when given), tensors
     among the extra arguments moved too (floating ones to ``dtype``); ``copy`` forces new tensors."""
 
@@ -229,8 +234,9 @@ def moved(inputs: Inputs, device: torch.device, dtype: torch.dtype | None = None
         wanted = dtype if dtype is not None and t.is_floating_point() else t.dtype
         return (t.detach() if attributed else t).to(device, wanted, copy=copy)
 
-    return Inputs(tuple(to(t, True) for t in inputs.tensors), inputs.was_tuple,
-                  tuple(to(a) for a in inputs.forward_args), {k: to(v) for k, v in inputs.forward_kwargs.items()})
+    args = tuple(to(a) for a in inputs.forward_args)
+    kwargs = {k: to(v) for k, v in inputs.forward_kwargs.items()}
+    return Inputs(tuple(to(t, True) for t in inputs.tensors), inputs.was_tuple, args, kwargs)
 
 
 def input_display(x: Tensor, mean: Stats | None, std: Stats | None) -> Tensor:
@@ -385,8 +391,8 @@ def check_target(target: Target, batch: int) -> None:
     try:
         t = torch.as_tensor(target)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"target must be None, a class index, {batch} class indices, a tuple of indices or a "
-                         f"callable; got {type(target).__name__}") from err
+        raise ValueError(f"target must be None, a class index, {batch} class indices, a tuple of indices "
+                         f"or a callable; got {type(target).__name__}") from err
     if t.dim() not in (1, 2) or t.shape[0] != batch or t.dtype.is_floating_point or t.dtype == torch.bool:
         raise ValueError(f"target must hold {batch} integer class indices (or [{batch}, k] indices); got "
                          f"{t.dtype} {list(t.shape)}")
