@@ -63,13 +63,16 @@ def _render(method: str, attr: Tensor, images: Tensor) -> Tensor:
 
 
 def target_name(target: Callable[..., Any]) -> str:
-    """A callable target's name for labels: ``class_logit`` for the function
-    :func:`torchvis.targets.class_logit` returns, a function's or a partial's name, else its type."""
+    """A callable target's name for labels: for torchvis's ready-made score functions the helper that
+    made them (``class_logit``), else a function's (or a partial's function's) name, else its type."""
     inner = getattr(target, "func", target)  # functools.partial
     qualified = getattr(inner, "__qualname__", None)
-    if isinstance(qualified, str) and ".<locals>." in qualified:
-        return qualified.split(".<locals>.")[0].rsplit(".", 1)[-1]
+    if getattr(inner, "__module__", None) == _HELPERS and isinstance(qualified, str) and ".<locals>." in qualified:
+        return qualified.split(".<locals>.")[0]
     return str(getattr(inner, "__name__", type(inner).__name__))
+
+
+_HELPERS = "torchvis.core.targets"  # where class_logit, class_in_region and output_tensor live
 
 
 def _legend(method: str, attr: Tensor | tuple[Tensor, ...] | str) -> str | None:
