@@ -66,8 +66,8 @@ def target_name(target: Callable[..., Any]) -> str:
     """A callable target's name for labels: for torchvis's ready-made score functions the helper that
     made them (``class_logit``), else a function's (or a partial's function's) name, else its type."""
     inner = getattr(target, "func", target)  # functools.partial
-    qualified = getattr(inner, "__qualname__", None)
-    if getattr(inner, "__module__", None) == _HELPERS and isinstance(qualified, str) and ".<locals>." in qualified:
+    qualified = str(getattr(inner, "__qualname__", ""))
+    if getattr(inner, "__module__", None) == _HELPERS and ".<locals>." in qualified:
         return qualified.split(".<locals>.")[0]
     return str(getattr(inner, "__name__", type(inner).__name__))
 
