@@ -35,6 +35,8 @@ def draw_signal(fig: Figure, rect: Rect, signal: Tensor, strip: Tensor | None = 
     """The signal ``[C,L]`` as one line per channel over time steps 0..L-1, and under it, sharing the
     time axis, the heat strip ``[3,L]`` (RGB in [0, 1], one colour per time step) when given."""
     left, bottom, width, height = rect
+    # Inset, so that the tick labels stay inside the rectangle.
+    left, bottom, width, height = left + 0.14 * width, bottom + 0.09 * height, 0.84 * width, 0.89 * height
     values = signal.detach().float().cpu().numpy()
     steps = values.shape[-1]
     line_height = height * (1 - _STRIP - 0.04) if strip is not None else height

@@ -63,9 +63,7 @@ def sanity_figure(
         for c, stage in enumerate(columns):
             attr = dict(kinds.paired(inputs, result.maps[method][c]))[i][example : example + 1].float()
             ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            reason = kinds.undrawable(inputs[i], attr)
+            reason = kinds.undrawable(inputs[i][example : example + 1], attr)
             if reason is not None:
                 ax.text(0.5, 0.5, f"cannot draw {reason}", ha="center", va="center", wrap=True, fontsize=7)
             else:
@@ -76,6 +74,8 @@ def sanity_figure(
                     ax.set_frame_on(False)
                     box = ax.get_position()
                     picture[0](figure, (box.x0, box.y0, box.width, box.height))
+            ax.set_xticks([])
+            ax.set_yticks([])
             caption = stage if c == 0 else f"{stage}\nρ|·|={_rho(result, method, stage)}"
             ax.set_title(caption, fontsize=8)
             if c == 0:
