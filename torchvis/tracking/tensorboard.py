@@ -20,6 +20,13 @@ tag                            content
                                AUC over the batch (:mod:`torchvis.tracking.scores`)
 =============================  =====================================================================
 
+A probe that is a tuple of inputs gets one picture per input under each of these image tags,
+``<tag>/x<i>`` (a map that is one tensor for a tuple — the CAMs — under ``/x0``). Inputs that are not
+images are drawn by their kind (:mod:`torchvis.rendering.kinds`: tables as bar charts, signals with a
+heat strip, volumes as central slices), the examples of one tag in one matplotlib figure laid out like
+the grid. For a model whose output is not ``[B, classes]`` (a callable or index target) the text
+lists the explained score per example instead of the predictions.
+
 The grid has :func:`torchvis.image.grid_columns` columns, so its rows are as full as they can be (10
 probes: two rows of 5, not 8 + 2). Inputs under :data:`torchvis.image.LEGIBLE` (96) pixels on the
 short side are enlarged for display by a whole factor, repeating pixels (:func:`torchvis.image.enlarge`:
