@@ -195,3 +195,20 @@ def test_metrics_are_refused_for_probes_they_do_not_score_yet(tmp_path: Path) ->
     with pytest.raises(ValueError, match=r"metrics \(deletion, insertion\) need, for now, one image probe"):
         Monitor(model, PNGWriter(tmp_path), (img, table), [0] * B, forward_args=(mask,),
                 methods=("saliency",), metrics=("deletion",))
+
+
+def test_logging_a_tuple_probe_leaves_the_model_the_inputs_and_the_rng_as_they_were(tmp_path: Path) -> None:
+    model, img, table, mask = two_inputs(2)
+    model.train()
+    copies = [t.clone() for t in (img, table, mask)]
+    rng = torch.get_rng_state()
+    with PNGWriter(tmp_path) as sink:
+        log_attributions(sink, model, (img, table), step=0, methods=("saliency", "guided_backprop"),
+                         forward_args=(mask,), feature_names=[None, NAMES])
+    assert torch.equal(torch.get_rng_state(), rng)
+    for t, copy in zip((img, table, mask), copies, strict=True):
+        assert torch.equal(t, copy) and not t.requires_grad
+    for module in model.modules():
+        assert module.training
+        assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
+    assert all(p.grad is None for p in model.parameters())
