@@ -130,16 +130,17 @@ def as_inputs(
             raise ValueError(f"{name} must be a floating tensor; got {t.dtype}")
         if t.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch")
-    batches = [t.shape[0] for t in tensors]
-    if len(set(batches)) > 1:
-        raise ValueError(
-            f"the inputs of a tuple must share the batch size B; got {batches} "
-            f"(shapes {[list(t.shape) for t in tensors]})"
-        )
-    batch = batches[0]
-    devices = {t.device for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"the inputs are on different devices: {sorted(map(str, devices))}")
+    batch = tensors[0].shape[0]
+    if len(tensors) > 1:  # one tensor has nothing to compare with (the common call stays cheap)
+        batches = [t.shape[0] for t in tensors]
+        if len(set(batches)) > 1:
+            raise ValueError(
+                f"the inputs of a tuple must share the batch size B; got {batches} "
+                f"(shapes {[list(t.shape) for t in tensors]})"
+            )
+        devices = {t.device for t in tensors}
+        if len(devices) > 1:
+            raise ValueError(f"the inputs are on different devices: {sorted(map(str, devices))}")
     if forward_args is None:
         args: tuple[Any, ...] = ()
     elif isinstance(forward_args, tuple):
@@ -150,7 +151,7 @@ def as_inputs(
         forward_kwargs = {}
     if not isinstance(forward_kwargs, Mapping):
         raise TypeError(f"forward_kwargs must be a dict, not {type(forward_kwargs).__name__}")
-    named = [(f"forward_args[{i}]", a) for i, a in enumerate(args)]
+    named = [(f"forward_args[{i}]", a) for i, a in enumerate(args)] if args else []
     named += [(f"forward_kwargs[{k!r}]", v) for k, v in forward_kwargs.items()]
     for name, value in named:
         if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] not in (batch, 1):

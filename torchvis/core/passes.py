@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -94,8 +94,10 @@ def gradient_pass(
         with recording as rec, guide as report, auto as maps:
             # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
             logits = inputs.call(model, [leaf.clone() for leaf in leaves])
-            t = resolve_target(target, logits, batch)
-            score = score_of(logits, t, batch)
+        # Outside the hooks and the guided ReLU mode: the score is not part of the model (and ops run
+        # under a torch function mode pay a Python dispatch each).
+        t = resolve_target(target, logits, batch)
+        score = score_of(logits, t, batch)
         if report is not None and report.untreated:
             _warn_untreated(report)
         outputs = {name: _single_call_output(rec, name) for name in named}  # type: ignore[arg-type]
@@ -104,6 +106,11 @@ def gradient_pass(
             outputs.setdefault(chosen.name, chosen.output)
             warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=4)
         wanted = (leaves if input_grad else []) + list(outputs.values())
+        if wanted and not score.requires_grad:
+            raise ValueError(
+                "the explained score does not depend on the inputs (a detached output, or a callable "
+                "target that detaches it); there is no gradient to attribute"
+            )
         computed = _grad(score.sum(), wanted) if wanted else ()
         check_finite(logits if isinstance(logits, Tensor) else score, *computed)
         grads = iter(computed)
@@ -165,7 +172,7 @@ def shared_passes(
     guided: bool = False,
     eval_mode: bool = True,
     forward_args: object = None,
-    forward_kwargs: dict[str, Any] | None = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> list[Shared]:
     """Run each pass that is asked for once: the plain one (for ``input_grad`` and ``layers``) and the
     guided one (for ``guided``), both explaining the same target per example.
@@ -197,6 +204,33 @@ def shared_passes(
         return [base]
     return [replace(base, layer=name, activation=plain.activations[name], grad=plain.grads[name])
             for name in plain.layer_names]
+
+
+def target_pass(
+    model: Model,
+    inputs: Inputs,
+    target: Target,
+    *,
+    eval_mode: bool = True,
+    also: Sequence[Sequence[Tensor]] = (),
+) -> tuple[Resolved, Tensor, list[Tensor]]:
+    """One forward of ``inputs`` without gradients that resolves ``target`` for its ``B`` examples, for
+    methods that then run the model on other batches (noisy copies, path points) and explain the same
+    target in each. Returns the resolved target, the explained score per example ``[B]`` and, for each
+    tensor list in ``also`` (other inputs of the same shapes, e.g. the baselines), its score ``[B]``.
+    Raises if the output or a score is not finite."""
+    batch = inputs.batch
+    with guarded(model, inputs.first, eval_mode=eval_mode, grad=False), torch.no_grad():
+        output = inputs.call(model, [t.clone() for t in inputs.tensors])  # a model may change its input
+        resolved = resolve_target(target, output, batch)
+        score = score_of(output, resolved, batch)
+        check_finite(output if isinstance(output, Tensor) else score)
+        others = []
+        for tensors in also:
+            other = inputs.call(model, [t.clone() for t in tensors])
+            others.append(score_of(other, resolved, batch))
+            check_finite(other if isinstance(other, Tensor) else others[-1])
+    return resolved, score, others
 
 
 @dataclass(frozen=True)

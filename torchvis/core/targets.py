@@ -79,6 +79,8 @@ def resolve_target(target: Target, output: object, batch: int | None = None) -> 
             "torchvis.targets.class_in_region(c, mask)) for a segmentation model"
         )
     if output.dim() == 1:
+        if isinstance(target, Tensor) and target.shape == (output.shape[0], 0):
+            return target  # already resolved (a method's batch of noisy copies or path points)
         if target is not None:
             raise ValueError(
                 f"the model returns one score per example (shape {list(output.shape)}); it is explained as "
@@ -120,12 +122,21 @@ def _class_target(target: Any, logits: Tensor) -> Tensor:
 def _index_target(target: Any, output: Tensor) -> Tensor:
     batch, dims = output.shape[0], list(output.shape[1:])
     k = len(dims)
-    if isinstance(target, tuple) and all(isinstance(as_target(i), int) for i in target):
-        index = torch.tensor([as_target(i) for i in target], dtype=torch.long).expand(batch, -1)
+    if isinstance(target, tuple) and not any(isinstance(i, (Iterable, Tensor)) for i in target):
+        items = [as_target(i) for i in target]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise TypeError(f"target must hold integer indices; got {target!r}")
+        index = torch.tensor(items, dtype=torch.long).expand(batch, -1)
     elif isinstance(target, Tensor):
         index = target
     elif isinstance(target, Iterable) and not isinstance(target, str):
-        index = torch.as_tensor([list(row) for row in target])
+        rows = list(target)
+        if not all(isinstance(row, (tuple, list, Tensor)) for row in rows):
+            raise TypeError(
+                f"the model's output has shape {list(output.shape)}: a list target holds one index tuple "
+                f"per example, e.g. [(3, 1), (0, 1)]; got {target!r}"
+            )
+        index = torch.as_tensor([list(row) for row in rows])
     else:
         raise TypeError(f"target {target!r} cannot index an output of shape {list(output.shape)}")
     if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
@@ -166,9 +177,37 @@ def score_of(output: object, target: Resolved, batch: int) -> Tensor:
     return output[(rows,) + tuple(target.unbind(1))]
 
 
-def take_target(target: Resolved, rows: Tensor) -> Resolved:
-    """The resolved target of a batch whose row ``i`` belongs to example ``rows[i]``."""
-    return target if is_function(target) else target.index_select(0, rows)  # type: ignore[union-attr]
+def take_target(target: Any, rows: Tensor) -> Any:
+    """The target of a batch whose row ``i`` belongs to example ``rows[i]``: a per-example tensor's
+    rows; a callable, an int or a tuple index (the same for every row) as it is."""
+    if isinstance(target, Tensor):
+        return target.index_select(0, rows.to(target.device))
+    return target
+
+
+def given_target(target: Target, batch: int) -> Any:
+    """``target`` in a form that needs no forward pass to resolve — for methods that run the model on
+    other batches (noisy copies, path points) and would otherwise run ``x`` once just to fix the
+    target: a callable, an int or a tuple of ints as they are (each row's output is read the same
+    way), a per-example sequence, array or tensor as a tensor whose rows :func:`take_target` takes.
+    ``None`` when the target depends on the output's values (``target=None``: the predicted class),
+    or when its form cannot be told without the output (a tuple, say, with a sequence of length ``B``).
+    Each batch's pass checks the rest (range, dtype)."""
+    if target is None or is_function(target):
+        return target
+    target = as_target(target)
+    if isinstance(target, int):
+        return target
+    if isinstance(target, tuple):
+        return None  # per-example classes or an index into a larger output: the output decides
+    if type(target).__module__ == "numpy" or isinstance(target, (list, range)):
+        try:
+            target = torch.as_tensor(target)
+        except (TypeError, ValueError):
+            return None
+    if isinstance(target, Tensor) and target.dim() in (1, 2) and target.shape[0] == batch:
+        return target.long() if not target.is_floating_point() and target.dtype != torch.bool else None
+    return None
 
 
 def class_labels(target: Resolved) -> list[int] | None:

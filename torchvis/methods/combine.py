@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from torchvis.core.hooks import LayerRef, resolve_layer
-from torchvis.core.inputs import InputLike, Model, as_inputs
+from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
 from torchvis.methods.spec import MethodSpec, Need, spec_of
@@ -148,5 +148,5 @@ def layer_key(method: str, layer: str | None, many: bool) -> str:
     return f"{method}/{layer}" if many else method
 
 
-def _layer_name(model: nn.Module, layer: LayerRef | None) -> str:
-    return "auto" if layer is None else resolve_layer(model, layer)[0]
+def _layer_name(model: Model, layer: LayerRef | None) -> str:
+    return "auto" if layer is None else resolve_layer(check_module(model, "a layer method"), layer)[0]

@@ -68,7 +68,7 @@ class Need(Enum):
         return self in (Need.INPUT_GRADIENT, Need.LAYER_GRADIENT, Need.GUIDED)
 
 
-FromPass = Callable[..., Tensor]
+FromPass = Callable[..., Any]  # returns a Tensor, or a tuple of them (one per input)
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ _SPECS: dict[str, MethodSpec] = {}
 
 def register(
     name: str,
-    function: Callable[..., Tensor],
+    function: Callable[..., Any],
     *,
     needs: Need | frozenset[Need] | set[Need] = Need.OWN,
     from_pass: FromPass | None = None,
