@@ -37,12 +37,17 @@ from torchvis.methods.spec import Look
 from torchvis.rendering import image, plots
 
 __all__ = [
+    "HEAT",
+    "NEGATIVE",
+    "POSITIVE",
     "Kind",
     "Pictures",
     "UndrawableWarning",
     "central_slices",
     "display",
+    "bar_colours",
     "feature_names_per_input",
+    "heat_strip",
     "input_pictures",
     "kind_of",
     "map_pictures",
