@@ -9,7 +9,7 @@ and ``explain``; occlusion both naive and incremental; then the Monitor's loggin
 CNN. Each cell: median of ``--repeats`` calls after one warm-up, timed by ``benchmarks.timing``
 (CUDA events, the host waiting only after the end event), and the peak of
 ``torch.cuda.max_memory_allocated`` above what was live before. A method that cannot run on a model
-(a method a model cannot run) is recorded as ``n/a (reason)``, never a crash; cells left
+is recorded as ``n/a (reason)``, never a crash; cells left
 when the wall budget runs out are ``n/a (time budget)``.
 """
 
