@@ -160,16 +160,17 @@ def test_augment_draws_only_from_its_generator() -> None:
 
 @pytest.mark.slow
 def test_short_training_beats_chance_widely(digits: DigitsData) -> None:
+    """Five short epochs (about 12 s of one core's time): 76 % held out with seed 0; chance is 10 %."""
     state = torch.get_rng_state()
-    result = train_vit(_subset(digits, 2000), epochs=6, seed=0)
+    result = train_vit(digits, epochs=5, batch_size=64, warmup=1, seed=0)
     assert torch.equal(torch.get_rng_state(), state)
-    assert len(result.losses) == 6 * 16  # ceil(2000 / 128) steps per epoch
+    assert len(result.losses) == 5 * 63  # ceil(4000 / 64) steps per epoch
     assert not result.model.training
-    # Ten classes start at ln(10) = 2.30 (the head starts at zero); label smoothing 0.1 keeps even a
-    # perfect fit above ~0.5.
+    # The head starts at zero, so the first loss is exactly ln(10) (label smoothing does not change a
+    # uniform prediction's loss); label smoothing 0.1 keeps even a perfect fit above ~0.5.
     assert result.losses[0] == pytest.approx(math.log(10), abs=1e-4)
-    assert sum(result.losses[-8:]) / 8 < 1.4
-    assert result.accuracy > 0.6  # chance is 0.1
+    assert sum(result.losses[-8:]) / 8 < 1.6
+    assert result.accuracy > 0.6
 
 
 def test_same_seed_same_weights_other_seed_other_weights(digits: DigitsData) -> None:
