@@ -2,7 +2,7 @@
 
     python examples/vit_digits.py [--vit vit.pt] [--cnn cnn.pt] [--out docs/vit_digits.png]
 
-Trains ``DigitsCNN`` (``train_digits`` defaults, 5 epochs) and ``DigitsViT`` (``train_vit`` defaults)
+Trains ``DigitsCNN`` (5 epochs of ``train_digits``'s defaults) and ``DigitsViT`` (``train_vit`` defaults)
 on the 5,000 bundled MNIST digits — or loads them from ``--cnn`` / ``--vit`` if those files exist (a
 freshly trained model is saved there) — then draws one figure: for 8 held-out digits a CNN row and
 a ViT row; columns input, saliency, Grad-CAM, LayerCAM and occlusion. Each column title gives the
@@ -135,11 +135,12 @@ def main() -> None:
             labels.append(f"{name}, true {CLASS_NAMES[int(data.test_y[i])]}\n"
                           f"pred {CLASS_NAMES[int(p.argmax())]} ({float(p.max()):.2f})")
     pick = {m: torch.stack([maps[name][m][i] for name, i in rows]) for m in METHODS}
-    titles = {m: f"{title}\ndeletion CNN {scores['CNN'][m]:.2f} · ViT {scores['ViT'][m]:.2f}"
+    titles = {m: f"{title}\nCNN {scores['CNN'][m]:.2f} · ViT {scores['ViT'][m]:.2f}"
               for m, title in METHODS.items()}
     images = denormalize(torch.stack([shown[i] for _, i in rows]))
-    title = f"CNN vs ViT; deletion AUC over {args.scored} held-out digits (lower is better)"
-    figure = explanation_figure(images, pick, row_labels=labels, labels=titles, panel=1.3, title=title)
+    title = (f"CNN vs ViT; under each method its deletion AUC, mean of {args.scored} held-out digits "
+             "(lower is better)")
+    figure = explanation_figure(images, pick, row_labels=labels, labels=titles, panel=1.7, title=title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(figure_rgb(figure)).save(args.out)
     print(f"wrote {args.out}")

@@ -40,7 +40,8 @@ def _vit(seed: int = 0, **kwargs: float) -> DigitsViT:
 
 
 def _subset(data: DigitsData, n_train: int, n_test: int = 1000) -> DigitsData:
-    return DigitsData(data.train_x[:n_train], data.train_y[:n_train], data.test_x[:n_test], data.test_y[:n_test])
+    return DigitsData(data.train_x[:n_train], data.train_y[:n_train],
+                      data.test_x[:n_test], data.test_y[:n_test])
 
 
 # --------------------------------------------------------------------------------------------
