@@ -5,6 +5,7 @@ each described by one spec (:func:`register`, :data:`SPECS`); the hook core (:mo
 also ``torchvis.hooks``) is public for building your own analyses.
 """
 
+from torchvis import targets
 from torchvis.core import hooks
 from torchvis.core.hooks import Recording, capture, resolve_layer
 from torchvis.core.passes import Shared, shared_passes
@@ -102,6 +103,7 @@ __all__ = [
     "smoothgrad",
     "spec_of",
     "summary",
+    "targets",
     "to_images",
     "top_channels",
     "unit_activations",

@@ -313,3 +313,29 @@ def test_smoothgrad_bad_input(small_cnn: Callable[[int], nn.Module], randn: Call
         with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
             function(model, x, batch_size=0)
     assert np.isfinite(float(smoothgrad(model, x, samples=1).abs().sum()))
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "vargrad", "integrated_gradients"])
+@pytest.mark.parametrize("target", [None, 1, [1, 0], torch.tensor([2, 1]), lambda out: out[:, 1]],
+                         ids=["none", "int", "list", "tensor", "callable"])
+def test_a_given_target_skips_the_clean_forward(method: str, target: Any) -> None:
+    """The rows the model sees: the clean x first only when the target must be read from it (None);
+    the maps equal the ones with the clean pass (the target resolved first, then given)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.Tanh(), nn.Linear(3, 3)).double().eval()
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    options = {"steps": 4} if method == "integrated_gradients" else {"samples": 4}
+    try:
+        got = torchvis.METHODS[method](model, x, target, batch_size=8, **options)
+    finally:
+        handle.remove()
+    assert calls == ([2, 8] if target is None else [8])
+    classes = model(x).argmax(dim=1) if target is None else target
+    resolved = classes(model(x)).detach() if callable(classes) else classes
+    if callable(target):
+        expected = torchvis.METHODS[method](model, x, target, batch_size=8, **options)
+    else:
+        expected = torchvis.METHODS[method](model, x, torch.as_tensor(resolved).expand(2), batch_size=8, **options)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -14,9 +14,8 @@ mode. Calls with ``eval_mode=False`` wait for an open eval window to close (and 
 from __future__ import annotations
 
 import math
-import numbers
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -24,8 +23,21 @@ from torch import Tensor, nn
 
 from torchvis.core import hooks
 from torchvis.core.lease import held
+from torchvis.core.targets import Resolved, Target, as_target, resolve_target, score_of
 
-Target = int | Sequence[int] | Tensor | None
+__all__ = [
+    "Target",
+    "as_target",
+    "check_finite",
+    "check_input",
+    "checked_logits",
+    "class_score",
+    "grad_leaf",
+    "guarded",
+    "resolve_target",
+    "restored_modes",
+]
+
 
 
 def check_input(x: object) -> Tensor:
@@ -57,7 +69,7 @@ def restored_modes(model: nn.Module) -> Iterator[list[tuple[nn.Module, bool]]]:
 
 
 @contextmanager
-def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool = True) -> Iterator[None]:
+def guarded(model: object, x: Tensor, *, eval_mode: bool = True, grad: bool = True) -> Iterator[None]:
     """Run the block with ``model`` in eval mode (unless ``eval_mode=False``) and gradients enabled
     (when ``grad``); afterwards every submodule's mode and the global RNG are as they were.
 
@@ -66,6 +78,9 @@ def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool =
     module runs in train mode inside, or when this is the only thread; in a multi-threaded program an
     eval-mode call leaves it alone, since restoring it would rewind other threads' draws (eval-mode
     layers draw nothing).
+
+    A ``model`` that is a plain callable (not an ``nn.Module``) runs in whatever modes its modules are
+    in — torchvis cannot see them — and the global RNG is forked around it.
     """
     if grad and torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -73,6 +88,10 @@ def guarded(model: nn.Module, x: Tensor, *, eval_mode: bool = True, grad: bool =
             "(torch.no_grad() is fine), or use occlusion, which needs no gradient"
         )
     cuda = [x.device] if x.device.type == "cuda" else []
+    if not isinstance(model, nn.Module):
+        with torch.random.fork_rng(devices=cuda), torch.enable_grad() if grad else nullcontext():
+            yield
+        return
     with held(model, eval_mode=eval_mode) as training_inside:
         # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
         fork = training_inside or threading.active_count() == 1
@@ -124,58 +143,7 @@ def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of th
     )
 
 
-def as_target(target: object) -> Target:
-    """``target`` with NumPy integers and 0-d integer arrays or tensors turned into ``int`` and a NumPy
-    array into a tensor; anything else is returned as it is (checked by :func:`resolve_target`)."""
-    if isinstance(target, bool) or target is None or isinstance(target, int):
-        return target
-    if isinstance(target, numbers.Integral):  # np.int64, np.uint8, ...
-        return int(target)
-    if type(target).__module__ == "numpy" and hasattr(target, "dtype"):
-        if target.dtype.kind not in "iu":
-            raise TypeError(f"target must hold integer class indices, not numpy {target.dtype}")
-        target = torch.as_tensor(target)
-    if isinstance(target, Tensor) and target.dim() == 0:
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            raise TypeError(f"target must hold integer class indices, not {target.dtype}")
-        return int(target.item())
-    return target  # type: ignore[return-value]
-
-
-def resolve_target(target: Target, logits: Tensor) -> Tensor:
-    """The class index per example, ``[B]`` int64 on the logits' device.
-
-    ``None``: each example's predicted class; an ``int`` (also a NumPy integer or a 0-d integer array
-    or tensor): that class for every example; a sequence, 1-D integer tensor or NumPy array of length
-    ``B``: one class per example.
-    """
-    batch, classes = logits.shape
-    target = as_target(target)
-    if target is None:
-        return logits.detach().argmax(dim=1)
-    if isinstance(target, bool):
-        raise TypeError("target must be an int, a sequence of ints or an integer tensor, not bool")
-    if isinstance(target, int):
-        if not 0 <= target < classes:
-            raise ValueError(f"target {target} is out of range for {classes} classes")
-        return torch.full((batch,), target, dtype=torch.long, device=logits.device)
-    if isinstance(target, (float, str)) or not isinstance(target, (Tensor, Iterable)):
-        raise TypeError(
-            f"target must be an int, a sequence of ints or an integer tensor, not {type(target).__name__}"
-        )
-    t = target if isinstance(target, Tensor) else torch.as_tensor(list(target))
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, not {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != batch:
-        raise ValueError(f"target must have one class per example ({batch}); got shape {list(t.shape)}")
-    low, high = int(t.min()), int(t.max())
-    if low < 0 or high >= classes:
-        bad = low if low < 0 else high
-        raise ValueError(f"target {bad} is out of range for {classes} classes")
-    return t.to(device=logits.device, dtype=torch.long)
-
-
-def class_score(logits: Tensor, target: Tensor) -> Tensor:
-    """Sum over the batch of each example's target logit; examples do not interact in eval mode, so
-    its gradient holds every example's own gradient."""
-    return logits.gather(1, target[:, None]).sum()
+def class_score(output: object, target: Resolved, batch: int) -> Tensor:
+    """Sum over the batch of each example's explained score (:func:`score_of`); examples do not
+    interact in eval mode, so its gradient holds every example's own gradient."""
+    return score_of(output, target, batch).sum()

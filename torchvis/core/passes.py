@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from torchvis.core import hooks
-from torchvis.core.forward import (
-    Target,
-    check_finite,
-    check_input,
-    checked_logits,
-    class_score,
-    grad_leaf,
-    guarded,
-    resolve_target,
-)
+from torchvis.core.forward import check_finite, grad_leaf, guarded
 from torchvis.core.hooks import LayerRef
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, check_module
+from torchvis.core.targets import Resolved, Target, resolve_target, score_of
 
 _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 
@@ -37,22 +31,30 @@ _PASS_THROUGH = (nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Ide
 class GradientPass:
     """The result of :func:`gradient_pass`; every tensor detached.
 
-    ``logits`` ``[B, classes]``; ``target`` ``[B]`` int64; ``input_grad`` shaped like ``x`` (if asked);
-    ``activations`` and ``grads`` map each layer's dotted name to ``[B,K,h,w]``; ``layer_names`` gives
-    the name of each requested layer, in the order asked (resolving ``None``).
+    ``logits`` the model's output (``[B, classes]`` for a classifier; any structure with a callable
+    target); ``target`` the resolved target (:func:`torchvis.core.targets.resolve_target`: ``[B]``
+    int64 classes, an index ``[B, k]`` or the callable); ``input_grads`` one gradient per input, each
+    shaped like it (if asked); ``activations`` and ``grads`` map each layer's dotted name to its output
+    ``[B,K,h,w]`` and the score's gradient there; ``layer_names`` gives the name of each requested
+    layer, in the order asked (resolving ``None``).
     """
 
-    logits: Tensor
-    target: Tensor
-    input_grad: Tensor | None
+    logits: Any
+    target: Resolved
+    input_grads: tuple[Tensor, ...] | None
     activations: dict[str, Tensor]
     grads: dict[str, Tensor]
     layer_names: tuple[str, ...]
 
+    @property
+    def input_grad(self) -> Tensor | None:
+        """The gradient at the first input."""
+        return None if self.input_grads is None else self.input_grads[0]
+
 
 def gradient_pass(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike | Inputs,
     target: Target = None,
     *,
     layers: Sequence[LayerRef | None] = (),
@@ -62,44 +64,61 @@ def gradient_pass(
 ) -> GradientPass:
     """Gradients of the target logit at the input and/or at ``layers``, from one forward and one backward.
 
-    A ``None`` layer means the last module whose output is still a spatial feature map (see
-    :func:`pick_feature_layer`). With ``guided``, every ReLU's backward follows guided backprop.
+    ``x``: a tensor ``[B, ...]``, a tuple of them, or :class:`~torchvis.core.inputs.Inputs` (with extra
+    forward arguments). A ``None`` layer means the last module whose output is still a spatial feature
+    map (see :func:`pick_feature_layer`). With ``guided``, every ReLU's backward follows guided
+    backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable.
     """
-    check_input(x)
-    if guided and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+    inputs = as_inputs(x)
+    check_model(model)
+    if guided or layers:
+        check_module(model, "guided backprop" if guided else "a layer method")
+    assert isinstance(model, nn.Module) or not (guided or layers)
+    if guided and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):  # type: ignore[union-attr]
         raise TypeError(
             "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
             "Python); pass the eager nn.Module"
         )
-    requested = [None if layer is None else hooks.resolve_layer(model, layer)[0] for layer in layers]
+    requested = [None if layer is None else hooks.resolve_layer(model, layer)[0] for layer in layers]  # type: ignore[arg-type]
     named = [name for name in requested if name is not None]
-    with guarded(model, x, eval_mode=eval_mode):
-        xi = grad_leaf(x)
+    batch = inputs.batch
+    with guarded(model, inputs.first, eval_mode=eval_mode):
+        leaves = [grad_leaf(t) for t in inputs.tensors]
         guide: AbstractContextManager[hooks.ActivationReport | None] = (
             hooks.guided_relus() if guided else nullcontext()
         )
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model) if None in requested else nullcontext([])
+            hooks.feature_maps(model) if None in requested else nullcontext([])  # type: ignore[arg-type]
         )
-        with hooks.capture(model, named) as rec, guide as report, auto as maps:
+        recording = hooks.capture(model, named) if named else nullcontext(None)  # type: ignore[arg-type]
+        with recording as rec, guide as report, auto as maps:
             # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
-            logits = checked_logits(model(xi.clone()), x.shape[0])
+            logits = inputs.call(model, [leaf.clone() for leaf in leaves])
+        # Outside the hooks and the guided ReLU mode: the score is not part of the model (and ops run
+        # under a torch function mode pay a Python dispatch each).
+        t = resolve_target(target, logits, batch)
+        score = score_of(logits, t, batch)
         if report is not None and report.untreated:
             _warn_untreated(report)
-        outputs = {name: _single_call_output(rec, name) for name in named}
+        outputs = {name: _single_call_output(rec, name) for name in named}  # type: ignore[arg-type]
         if None in requested:
             chosen = pick_feature_layer(maps)
             outputs.setdefault(chosen.name, chosen.output)
             warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=4)
-        t = resolve_target(target, logits)
-        wanted = ([xi] if input_grad else []) + list(outputs.values())
-        computed = _grad(class_score(logits, t), wanted) if wanted else ()
-        check_finite(logits, *computed)
+        wanted = (leaves if input_grad else []) + list(outputs.values())
+        if wanted and not score.requires_grad:
+            raise ValueError(
+                "the explained score does not depend on the inputs (a detached output, or a callable "
+                "target that detaches it); there is no gradient to attribute"
+            )
+        computed = _grad(score.sum(), wanted) if wanted else ()
+        check_finite(logits if isinstance(logits, Tensor) else score, *computed)
         grads = iter(computed)
+        input_grads = tuple(next(grads) for _ in leaves) if input_grad else None
     return GradientPass(
-        logits=logits.detach(),
+        logits=logits.detach() if isinstance(logits, Tensor) else logits,
         target=t,
-        input_grad=next(grads) if input_grad else None,
+        input_grads=input_grads,
         activations={name: out.detach() for name, out in outputs.items()},
         grads={name: next(grads) for name in outputs},
         layer_names=tuple(chosen.name if name is None else name for name in requested),
@@ -110,54 +129,76 @@ def gradient_pass(
 class Shared:
     """What the shared passes give one method at one layer; every tensor detached.
 
-    ``x`` the input ``[B,C,H,W]``; ``target`` the class explained per example, ``[B]`` int64;
-    ``input_grad`` the plain gradient at ``x`` and ``guided_grad`` the guided-backprop one (shape of
-    ``x``); ``activation`` and ``grad`` the output of the layer named ``layer`` ``[B,K,h,w]`` and the
-    target logit's gradient there; ``logits`` the model's output ``[B, classes]``. A field is ``None``
-    when no requested method needs it.
+    ``inputs`` the attributed inputs (:class:`~torchvis.core.inputs.Inputs`; ``x`` the first, the
+    image for the methods that draw over it); ``target`` the resolved target (``[B]`` int64 classes
+    for a classifier); ``input_grads`` the plain gradient at each input and ``guided_grads`` the
+    guided-backprop one (each shaped like its input); ``activation`` and ``grad`` the output of the
+    layer named ``layer`` ``[B,K,h,w]`` and the score's gradient there; ``logits`` the model's output
+    (``[B, classes]`` for a classifier). A field is ``None`` when no requested method needs it.
     """
 
-    x: Tensor
-    target: Tensor
-    logits: Tensor
-    input_grad: Tensor | None = None
-    guided_grad: Tensor | None = None
+    inputs: Inputs
+    target: Resolved
+    logits: Any
+    input_grads: tuple[Tensor, ...] | None = None
+    guided_grads: tuple[Tensor, ...] | None = None
     layer: str | None = None
     activation: Tensor | None = None
     grad: Tensor | None = None
 
+    @property
+    def x(self) -> Tensor:
+        """The first input."""
+        return self.inputs.first
+
+    @property
+    def input_grad(self) -> Tensor | None:
+        """The plain gradient at the first input."""
+        return None if self.input_grads is None else self.input_grads[0]
+
+    @property
+    def guided_grad(self) -> Tensor | None:
+        """The guided gradient at the first input."""
+        return None if self.guided_grads is None else self.guided_grads[0]
+
 
 def shared_passes(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike | Inputs,
     target: Target = None,
     *,
     input_grad: bool = False,
     layers: Sequence[LayerRef | None] = (),
     guided: bool = False,
     eval_mode: bool = True,
+    forward_args: object = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> list[Shared]:
     """Run each pass that is asked for once: the plain one (for ``input_grad`` and ``layers``) and the
-    guided one (for ``guided``), both explaining the same class per example.
+    guided one (for ``guided``), both explaining the same target per example.
 
-    Returns one :class:`Shared` per requested layer, in the order asked (one without a layer when
-    ``layers`` is empty).
+    ``x`` a tensor ``[B, ...]`` or a tuple of them; ``forward_args``/``forward_kwargs`` passed to the
+    model after it (see :mod:`torchvis.core.inputs`). Returns one :class:`Shared` per requested layer,
+    in the order asked (one without a layer when ``layers`` is empty).
     """
+    inputs = as_inputs(x, forward_args, forward_kwargs)
     plain = guided_result = None
     if input_grad or layers:
-        plain = gradient_pass(model, x, target, layers=layers, input_grad=input_grad, eval_mode=eval_mode)
+        plain = gradient_pass(model, inputs, target, layers=layers, input_grad=input_grad,
+                              eval_mode=eval_mode)
         target = plain.target
     if guided:
-        guided_result = gradient_pass(model, x, target, input_grad=True, guided=True, eval_mode=eval_mode)
+        guided_result = gradient_pass(model, inputs, target, input_grad=True, guided=True,
+                                      eval_mode=eval_mode)
         target = guided_result.target
     if plain is None and guided_result is None:
         raise ValueError("shared_passes needs input_grad, layers or guided")
     base = Shared(
-        x=x,
+        inputs=inputs,
         target=(plain or guided_result).target,  # type: ignore[union-attr]
         logits=(plain or guided_result).logits,  # type: ignore[union-attr]
-        input_grad=plain.input_grad if plain is not None else None,
-        guided_grad=guided_result.input_grad if guided_result is not None else None,
+        input_grads=plain.input_grads if plain is not None else None,
+        guided_grads=guided_result.input_grads if guided_result is not None else None,
     )
     if plain is None or not plain.layer_names:
         return [base]
@@ -165,43 +206,78 @@ def shared_passes(
             for name in plain.layer_names]
 
 
+def target_pass(
+    model: Model,
+    inputs: Inputs,
+    target: Target,
+    *,
+    eval_mode: bool = True,
+    also: Sequence[Sequence[Tensor]] = (),
+) -> tuple[Resolved, Tensor, list[Tensor]]:
+    """One forward of ``inputs`` without gradients that resolves ``target`` for its ``B`` examples, for
+    methods that then run the model on other batches (noisy copies, path points) and explain the same
+    target in each. Returns the resolved target, the explained score per example ``[B]`` and, for each
+    tensor list in ``also`` (other inputs of the same shapes, e.g. the baselines), its score ``[B]``.
+    Raises if the output or a score is not finite."""
+    batch = inputs.batch
+    with guarded(model, inputs.first, eval_mode=eval_mode, grad=False), torch.no_grad():
+        output = inputs.call(model, [t.clone() for t in inputs.tensors])  # a model may change its input
+        resolved = resolve_target(target, output, batch)
+        score = score_of(output, resolved, batch)
+        check_finite(output if isinstance(output, Tensor) else score)
+        others = []
+        for tensors in also:
+            other = inputs.call(model, [t.clone() for t in tensors])
+            others.append(score_of(other, resolved, batch))
+            check_finite(other if isinstance(other, Tensor) else others[-1])
+    return resolved, score, others
+
+
 @dataclass(frozen=True)
 class ActivationPass:
     """The result of :func:`activation_pass`; every tensor detached.
 
-    ``logits`` ``[B, classes]``; ``target`` ``[B]`` int64; ``layer`` the dotted name of the layer
-    (resolving ``None``) and ``activation`` its output ``[B,K,h,w]``.
+    ``logits`` the model's output (``[B, classes]`` for a classifier); ``target`` resolved as in
+    :class:`GradientPass`; ``layer`` the dotted name of the layer (resolving ``None``) and
+    ``activation`` its output ``[B,K,h,w]``.
     """
 
-    logits: Tensor
-    target: Tensor
+    logits: Any
+    target: Resolved
     layer: str
     activation: Tensor
 
 
 def activation_pass(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerRef | None, eval_mode: bool = True
+    model: Model,
+    x: InputLike | Inputs,
+    target: Target = None,
+    *,
+    layer: LayerRef | None,
+    eval_mode: bool = True,
 ) -> ActivationPass:
     """One forward pass without gradients that records ``layer``'s output (for methods that only
     read activations, such as Score-CAM). ``layer=None`` as in :func:`gradient_pass`. It also runs
     under ``torch.inference_mode()``: the recorded outputs must be ordinary tensors, whose in-place
     changes are tracked, so the pass itself runs outside it."""
-    check_input(x)
+    inputs = as_inputs(x)
+    model = check_module(model, "a layer method")
     name = None if layer is None else hooks.resolve_layer(model, layer)[0]
-    with guarded(model, x, eval_mode=eval_mode, grad=False), torch.inference_mode(False), torch.no_grad():
+    with guarded(model, inputs.first, eval_mode=eval_mode, grad=False), torch.inference_mode(False), \
+            torch.no_grad():
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
             hooks.feature_maps(model) if name is None else nullcontext([])
         )
         with hooks.capture(model, [] if name is None else [name]) as rec, auto as maps:
-            logits = checked_logits(model(x.clone()), x.shape[0])
+            logits = inputs.call(model, [t.clone() for t in inputs.tensors])
         if name is None:
             chosen = pick_feature_layer(maps, grad=False)
             name, output = chosen.name, chosen.output
             warnings.warn(f"layer=None: using {name!r}, the last spatial feature map", stacklevel=3)
         else:
             output = _single_call_output(rec, name)
-        check_finite(logits)
-        t = resolve_target(target, logits)
+        t = resolve_target(target, logits, inputs.batch)
+        check_finite(logits if isinstance(logits, Tensor) else score_of(logits, t, inputs.batch))
     return ActivationPass(logits=logits, target=t, layer=name, activation=output)
 
 

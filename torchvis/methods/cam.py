@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import sys
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
+from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
+from torchvis.core.targets import Target
 from torchvis.methods.spec import Look, Need, register
 
 
@@ -123,14 +126,16 @@ def guided_grad_cam_from(shared: Shared) -> Tensor:
 
 
 def grad_cam(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     layer: LayerRef | None = None,
     relu: bool = True,
     upsample: bool = True,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Grad-CAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]``, the layer's size, if not ``upsample``).
 
@@ -138,26 +143,33 @@ def grad_cam(
     Localization", ICCV 2017. ``layer=None`` takes the last module whose output is still a spatial
     feature map (``layer4`` for torchvision's ResNet) and warns which. Grad-CAM wants a rectified map:
     the output of a ReLU (or a pooling after it), not the convolution before it. The backward pass
-    stops at the layer.
+    stops at the layer. ``x`` may be a tuple of inputs: the map is drawn over the first (upsampled to
+    its size); ``forward_args``/``forward_kwargs`` go to the model (see :mod:`torchvis.core.inputs`).
+    Needs an ``nn.Module`` (it reads the layer through hooks).
     """
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode)
+    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode,
+                              forward_args=forward_args, forward_kwargs=forward_kwargs)
     return grad_cam_from(shared, relu=relu, upsample=upsample)
 
 
 def guided_grad_cam(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     layer: LayerRef | None = None,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """Guided backprop times the upsampled Grad-CAM at ``layer``. Returns the shape of ``x``.
+    """Guided backprop times the upsampled Grad-CAM at ``layer``. Returns the shape of ``x`` (of its
+    first input when ``x`` is a tuple: the CAM is drawn over it).
 
     Selvaraju et al., ICCV 2017, section 3.2. Two passes: one plain (for the CAM), one guided; both
     explain the same class (the first pass resolves ``target``). ``layer=None`` as in :func:`grad_cam`.
     """
-    (shared,) = shared_passes(model, x, target, layers=[layer], guided=True, eval_mode=eval_mode)
+    (shared,) = shared_passes(model, x, target, layers=[layer], guided=True, eval_mode=eval_mode,
+                              forward_args=forward_args, forward_kwargs=forward_kwargs)
     return guided_grad_cam_from(shared)
 
 

@@ -10,14 +10,16 @@ every variant at every layer from the one pass it runs for saliency and Grad-CAM
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
+from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
+from torchvis.core.targets import Target
 from torchvis.methods.cam import check_feature_map, finish_cam, warn_if_empty
 from torchvis.methods.spec import Look, Need, register
 
@@ -73,10 +75,11 @@ def _variant_from(heat: Heat, shared: Shared, relu: bool, upsample: bool) -> Ten
 
 
 def _variant(
-    heat: Heat, model: nn.Module, x: Tensor, target: Target, layer: LayerRef | None, relu: bool,
-    upsample: bool, eval_mode: bool,
+    heat: Heat, model: Model, x: InputLike, target: Target, layer: LayerRef | None, relu: bool,
+    upsample: bool, eval_mode: bool, forward_args: Any, forward_kwargs: Mapping[str, Any] | None,
 ) -> Tensor:
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode)
+    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode,
+                              forward_args=forward_args, forward_kwargs=forward_kwargs)
     return _variant_from(heat, shared, relu, upsample)
 
 
@@ -101,8 +104,9 @@ def hires_cam_from(shared: Shared, *, relu: bool = True, upsample: bool = True) 
 
 
 def grad_cam_pp(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
+    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """Grad-CAM++ at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
 
@@ -111,50 +115,59 @@ def grad_cam_pp(
     ``alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab g_ij^3)``, 0 where that denominator is 0;
     ``w_k = sum_ij alpha_ij ReLU(g_ij)``; map ``ReLU(sum_k w_k A_k)``. torchcam 0.5 divides alpha on a
     copy (boolean indexing copies), so its alpha stays ``g^2``, and sums ``A * g^3`` instead of
-    ``sum A * g^3``. ``layer``, ``relu``, ``upsample`` as in :func:`torchvis.grad_cam`.
+    ``sum A * g^3``. ``layer``, ``relu``, ``upsample``, a tuple ``x`` and ``forward_args`` as in
+    :func:`torchvis.grad_cam`.
     """
-    return _variant(grad_cam_pp_heat, model, x, target, layer, relu, upsample, eval_mode)
+    return _variant(grad_cam_pp_heat, model, x, target, layer, relu, upsample, eval_mode,
+                    forward_args, forward_kwargs)
 
 
 def xgrad_cam(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
+    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """XGrad-CAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
 
     Fu, Hu, Dong, Zhou, Huang & Zhang, "Axiom-based Grad-CAM: Towards Accurate Visualization and
     Explanation of CNNs", BMVC 2020: ``w_k = sum_ij (A_ij / sum_ab A_ab) g_ij`` (0 for a channel whose
-    activations sum to 0); map ``ReLU(sum_k w_k A_k)``. ``layer``, ``relu``, ``upsample`` as in
-    :func:`torchvis.grad_cam`.
+    activations sum to 0); map ``ReLU(sum_k w_k A_k)``. ``layer``, ``relu``, ``upsample``, a tuple
+    ``x`` and ``forward_args`` as in :func:`torchvis.grad_cam`.
     """
-    return _variant(xgrad_cam_heat, model, x, target, layer, relu, upsample, eval_mode)
+    return _variant(xgrad_cam_heat, model, x, target, layer, relu, upsample, eval_mode,
+                    forward_args, forward_kwargs)
 
 
 def layer_cam(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
+    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """LayerCAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
 
     Jiang, Zhang, Hou, Cheng & Wei, "LayerCAM: Exploring Hierarchical Class Activation Maps for
     Localization", IEEE TIP 2021: every position weighs each channel by its own positive gradient,
-    map ``ReLU(sum_k ReLU(g_k) * A_k)``. ``layer``, ``relu``, ``upsample`` as in :func:`torchvis.grad_cam`.
+    map ``ReLU(sum_k ReLU(g_k) * A_k)``. ``layer``, ``relu``, ``upsample``, a tuple ``x`` and
+    ``forward_args`` as in :func:`torchvis.grad_cam`.
     """
-    return _variant(layer_cam_heat, model, x, target, layer, relu, upsample, eval_mode)
+    return _variant(layer_cam_heat, model, x, target, layer, relu, upsample, eval_mode,
+                    forward_args, forward_kwargs)
 
 
 def hires_cam(
-    model: nn.Module, x: Tensor, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
+    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """HiResCAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
 
     Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional
     neural networks", arXiv:2011.08891, 2020: the gradient times the activation, summed over channels
-    per position, map ``ReLU(sum_k g_k * A_k)``. ``layer``, ``relu``, ``upsample`` as in
-    :func:`torchvis.grad_cam`.
+    per position, map ``ReLU(sum_k g_k * A_k)``. ``layer``, ``relu``, ``upsample``, a tuple ``x``
+    and ``forward_args`` as in :func:`torchvis.grad_cam`.
     """
-    return _variant(hires_cam_heat, model, x, target, layer, relu, upsample, eval_mode)
+    return _variant(hires_cam_heat, model, x, target, layer, relu, upsample, eval_mode,
+                    forward_args, forward_kwargs)
 
 
 register("grad_cam_pp", grad_cam_pp, needs=Need.LAYER_GRADIENT, from_pass=grad_cam_pp_from,

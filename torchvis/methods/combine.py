@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef, resolve_layer
+from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
+from torchvis.core.targets import Target
 from torchvis.methods.spec import MethodSpec, Need, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
@@ -20,20 +21,22 @@ class Explained(NamedTuple):
     """What :func:`explain_batch` returns: the maps by key, and the model's logits ``[B, classes]``
     when a shared pass ran (``None`` otherwise)."""
 
-    maps: dict[str, Tensor]
-    logits: Tensor | None
+    maps: dict[str, Any]
+    logits: Any
 
 
 def explain(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     methods: Sequence[Method],
     layer: Layers = None,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: dict[str, Any] | None = None,
     **options: Any,
-) -> dict[str, Tensor]:
+) -> dict[str, Any]:
     """Run several methods on one batch; returns ``{key: map}`` in the order asked.
 
     Methods are grouped by the pass they need (:class:`torchvis.methods.spec.Need`) and each pass runs
@@ -43,25 +46,38 @@ def explain(
     A method that takes a layer — registered or a plain function whose signature names ``layer`` —
     gets each requested layer; with a list of layers its keys are ``"<method>/<layer>"``, else
     ``"<method>"``. ``options`` go to the methods whose signature names them (``abs``, ``relu``,
-    ``upsample``, ``window``, ...); an option no method takes is an error.
+    ``upsample``, ``window``, ...); an option no method takes is an error. ``x`` may be a tuple of
+    inputs (each method then returns a tuple of maps, one per input, where its spec says so);
+    ``forward_args``/``forward_kwargs`` go to the model with every call (see
+    :mod:`torchvis.core.inputs`).
     """
-    return explain_batch(model, x, target, methods=methods, layer=layer, eval_mode=eval_mode, **options).maps
+    return explain_batch(model, x, target, methods=methods, layer=layer, eval_mode=eval_mode,
+                         forward_args=forward_args, forward_kwargs=forward_kwargs, **options).maps
 
 
 def explain_batch(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     methods: Sequence[Method],
     layer: Layers = None,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: dict[str, Any] | None = None,
     **options: Any,
 ) -> Explained:
     """:func:`explain`, also returning the logits of the shared pass (so a caller that needs the
     predictions, like the audit, runs no extra forward)."""
+    inputs = as_inputs(x, forward_args, forward_kwargs)  # checked once, before any work
+    extra = {"forward_args": forward_args, "forward_kwargs": forward_kwargs}
+    extra = {key: value for key, value in extra.items() if value is not None}
     specs = unique_specs(methods)
     routed = route_options(specs, options)
+    for spec in specs:
+        refused = [key for key in extra if not spec.shared and key not in spec.parameters]
+        if refused:
+            raise TypeError(f"method {spec.name!r} takes no {' or '.join(refused)}; it cannot run this model")
     many = isinstance(layer, (list, tuple))
     layers: list[LayerRef | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
@@ -71,7 +87,7 @@ def explain_batch(
     logits = None
     if shared_specs:
         passes = shared_passes(
-            model, x, target,
+            model, inputs, target,
             input_grad=any(Need.INPUT_GRADIENT in spec.needs for spec in shared_specs),
             layers=layers if any(spec.takes_layer for spec in shared_specs) else [],
             guided=any(Need.GUIDED in spec.needs for spec in shared_specs),
@@ -89,7 +105,7 @@ def explain_batch(
     for spec in specs:
         if spec.shared:
             continue
-        kwargs = dict(routed[spec.name])
+        kwargs = dict(routed[spec.name]) | extra
         if "eval_mode" in spec.parameters:
             kwargs["eval_mode"] = eval_mode
         if not spec.takes_layer:
@@ -132,5 +148,5 @@ def layer_key(method: str, layer: str | None, many: bool) -> str:
     return f"{method}/{layer}" if many else method
 
 
-def _layer_name(model: nn.Module, layer: LayerRef | None) -> str:
-    return "auto" if layer is None else resolve_layer(model, layer)[0]
+def _layer_name(model: Model, layer: LayerRef | None) -> str:
+    return "auto" if layer is None else resolve_layer(check_module(model, "a layer method"), layer)[0]

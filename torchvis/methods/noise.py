@@ -4,14 +4,16 @@ choice; *how* it is aggregated is this module's."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchvis.core.forward import Target, check_finite, check_input, checked_logits, guarded, resolve_target
-from torchvis.methods.perturbation import default_batch_size
+from torchvis.core.inputs import InputLike, Model, as_inputs, check_model, check_module
+from torchvis.core.passes import target_pass
+from torchvis.core.targets import Target, given_target, take_target
+from torchvis.methods.path import batch_size_for
 from torchvis.methods.spec import Look, MethodSpec, Need, register, spec_of
 
 _OWN_ARGUMENTS = ("model", "x", "target")
@@ -35,25 +37,27 @@ def wrapped_spec(method: str | Callable[..., Tensor] | MethodSpec, options: dict
 
 
 def noisy_batches(
-    x: Tensor, sigma: Tensor, samples: int, seed: int, batch_size: int
-) -> Iterator[tuple[int, Tensor]]:
-    """``(first flat index, x + sigma * eps)`` in batches of ``batch_size``, flat index
-    ``k = sample * B + example``. Sample ``s``'s noise is the ``s``-th ``torch.randn(x.shape)`` of a
-    generator on ``x``'s device seeded with ``seed``: the same whatever ``batch_size``, and at most one
-    sample's noise beyond a batch held at a time."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    pending: list[Tensor] = []
-    held, first = 0, 0
+    xs: Sequence[Tensor], sigmas: Sequence[Tensor], samples: int, seed: int, batch_size: int
+) -> Iterator[tuple[int, list[Tensor]]]:
+    """``(first flat index, [x + sigma * eps for each input])`` in batches of ``batch_size`` rows, flat
+    index ``k = sample * B + example``. Sample ``s``'s noise is, input after input, the next
+    ``torch.randn(x.shape)`` of one generator on the first input's device seeded with ``seed``: the
+    same whatever ``batch_size``, and at most one sample's noise beyond a batch held at a time."""
+    generator = torch.Generator(device=xs[0].device).manual_seed(seed)
+    pending: list[list[Tensor]] = [[] for _ in xs]
+    held, first, batch = 0, 0, xs[0].shape[0]
     for _ in range(samples):
-        eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        pending.append(x + sigma * eps)
-        held += x.shape[0]
+        for rows, x, sigma in zip(pending, xs, sigmas, strict=True):
+            eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            rows.append(x + sigma * eps)
+        held += batch
         while held >= batch_size:
-            rows = torch.cat(pending)
-            yield first, rows[:batch_size]
-            pending, held, first = [rows[batch_size:]], held - batch_size, first + batch_size
+            joined = [torch.cat(rows) for rows in pending]
+            yield first, [rows[:batch_size] for rows in joined]
+            pending = [[rows[batch_size:]] for rows in joined]
+            held, first = held - batch_size, first + batch_size
     if held:
-        yield first, torch.cat(pending)
+        yield first, [torch.cat(rows) for rows in pending]
 
 
 class _Moments:
@@ -75,8 +79,8 @@ class _Moments:
 
 
 def _smoothed(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target,
     *,
     method: str | Callable[..., Tensor] | MethodSpec,
@@ -85,47 +89,71 @@ def _smoothed(
     seed: int,
     batch_size: int | None,
     eval_mode: bool,
+    forward_args: Any,
+    forward_kwargs: Mapping[str, Any] | None,
     options: dict[str, Any],
-) -> tuple[Tensor, Tensor | None]:
-    """The mean over ``samples`` noisy copies of ``method``'s map and their population variance
+) -> tuple[InputLike, InputLike | None]:
+    """The mean over ``samples`` noisy copies of ``method``'s map(s) and their population variance
     (``None`` when ``noise == 0``: every copy is ``x``, and the mean is one call of ``method``)."""
-    x = check_input(x).detach()
+    inputs = as_inputs(x, forward_args, forward_kwargs)
     spec = wrapped_spec(method, options)
+    check_model(model)
+    if spec.needs_hooks:
+        check_module(model, spec.name)
+    extra = {"forward_args": forward_args, "forward_kwargs": forward_kwargs}
+    extra = {key: value for key, value in extra.items() if value is not None}
+    refused = [key for key in extra if key not in spec.parameters]
+    if refused:
+        raise TypeError(f"method {spec.name!r} takes no {' or '.join(refused)}; it cannot run this model")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1; got {samples!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
         raise ValueError(f"noise must be a number >= 0 (a fraction of each example's range); got {noise!r}")
-    if batch_size is None:
-        batch_size = default_batch_size(x)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    batch_size = batch_size_for(inputs, batch_size)
     if "eval_mode" in spec.parameters:
         options = {**options, "eval_mode": eval_mode}
     if noise == 0:
-        return spec.function(model, x, target, **options), None
-    batch = x.shape[0]
-    # The class explained is the one of the clean input, the same for every noisy copy.
-    with guarded(model, x, eval_mode=eval_mode, grad=False), torch.no_grad():
-        logits = checked_logits(model(x.clone()), batch)  # a model may change its input in place
-        check_finite(logits)
-        t = resolve_target(target, logits)
-    dims = tuple(range(1, x.dim()))
-    sigma = noise * (x.amax(dim=dims, keepdim=True) - x.amin(dim=dims, keepdim=True))
-    moments, targets = _Moments(batch), t.repeat(samples)
-    for lo, noisy in noisy_batches(x, sigma, samples, seed, batch_size):
-        maps = spec.function(model, noisy, targets[lo : lo + noisy.shape[0]], **options)
-        k, hi = lo, lo + noisy.shape[0]
+        return spec.function(model, x, target, **options, **extra), None
+    batch = inputs.batch
+    # The target explained is the one of the clean input, the same for every noisy copy; a given one
+    # needs no forward of the clean input.
+    resolved = given_target(target, batch)
+    if resolved is None:
+        resolved, _, _ = target_pass(model, inputs, target, eval_mode=eval_mode)
+    xs = [t.detach() for t in inputs.tensors]
+    sigmas = []
+    for t in xs:
+        dims = tuple(range(1, t.dim()))
+        sigmas.append(noise * (t.amax(dim=dims, keepdim=True) - t.amin(dim=dims, keepdim=True)))
+    flat = torch.arange(samples * batch, device=inputs.device)
+    moments: list[_Moments] = []
+    single = True
+    for lo, noisy in noisy_batches(xs, sigmas, samples, seed, batch_size):
+        hi = lo + noisy[0].shape[0]
+        rows = flat[lo:hi] % batch
+        taken = inputs.take(rows, noisy)
+        expanded = {"forward_args": taken.forward_args, "forward_kwargs": taken.forward_kwargs}
+        extra = {key: expanded[key] for key in extra}
+        result = spec.function(model, inputs.pack(noisy) if inputs.was_tuple else noisy[0],
+                               take_target(resolved, rows), **options, **extra)
+        single = not isinstance(result, tuple)
+        maps = (result,) if single else result
+        moments = moments or [_Moments(batch) for _ in maps]
+        k = lo
         while k < hi:  # the rows of one sample are consecutive examples
             sample, first = divmod(k, batch)
             stop = min(hi, (sample + 1) * batch)
-            moments.add(slice(first, first + stop - k), maps[k - lo : stop - lo], sample + 1)
+            for moment, part in zip(moments, maps, strict=True):
+                moment.add(slice(first, first + stop - k), part[k - lo : stop - lo], sample + 1)
             k = stop
-    return moments.mean, moments.m2 / samples
+    means = tuple(m.mean for m in moments)
+    variances = tuple(m.m2 / samples for m in moments)
+    return (means[0], variances[0]) if single else (means, variances)
 
 
 def smoothgrad(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     method: str = "saliency",
@@ -134,29 +162,37 @@ def smoothgrad(
     seed: int = 0,
     batch_size: int | None = None,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
-) -> Tensor:
-    """SmoothGrad: the mean of ``method`` over noisy copies of ``x``. Returns ``method``'s shape.
+) -> InputLike:
+    """SmoothGrad: the mean of ``method`` over noisy copies of ``x``. Returns ``method``'s structure and
+    shape (for a tuple ``x``: a tuple, one map per input, for the input-gradient methods).
 
     Smilkov, Thorat, Kim, Viégas & Wattenberg, "SmoothGrad: removing noise by adding noise",
     ICML-W 2017: the mean of ``method`` over ``samples`` inputs ``x + eps``, ``eps ~ N(0, sigma^2)``
-    with ``sigma = noise * (max(x_i) - min(x_i))`` per example (the paper's noise level; Captum's
-    ``stdevs`` is an absolute sigma). ``method`` is any gradient method by name (``"saliency"``,
-    ``"guided_backprop"``, ``"grad_cam"``, ``"integrated_gradients"``, a registered one), ``options``
-    go to it (e.g. ``layer=``); every copy explains the class of the clean ``x``. The noise comes from
-    a generator seeded with ``seed`` (see :func:`noisy_batches`), never the global RNG: the same seed
-    gives the same map. The ``samples * B`` noisy inputs go to ``method`` in batches of at most
-    ``batch_size`` (default as :func:`torchvis.methods.perturbation.default_batch_size`). ``noise=0``
-    is ``method`` itself.
+    with ``sigma = noise * (max(x_i) - min(x_i))`` per example and per input (the paper's noise level;
+    Captum's ``stdevs`` is an absolute sigma). ``x`` is a tensor ``[B, ...]`` or a tuple of them, every
+    input noised at once; ``model`` may be any callable when ``method`` needs no hook;
+    ``forward_args``/``forward_kwargs`` go to ``method`` with each batch of copies, a per-example tensor
+    (first dimension ``B``) taken at each copy's example (see :mod:`torchvis.core.inputs`).
+    ``method`` is any gradient method by name (``"saliency"``, ``"guided_backprop"``, ``"grad_cam"``,
+    ``"integrated_gradients"``, a registered one), ``options`` go to it (e.g. ``layer=``); every copy
+    explains the target of the clean ``x`` (resolved once; a callable target scores every copy). The
+    noise comes from a generator seeded with ``seed`` (see :func:`noisy_batches`), never the global
+    RNG: the same seed gives the same map. The ``samples * B`` noisy inputs go to ``method`` in
+    batches of at most ``batch_size`` (default as :func:`torchvis.methods.perturbation.
+    default_batch_size`). ``noise=0`` is ``method`` itself.
     """
     mean, _ = _smoothed(model, x, target, method=method, samples=samples, noise=noise, seed=seed,
-                        batch_size=batch_size, eval_mode=eval_mode, options=options)
+                        batch_size=batch_size, eval_mode=eval_mode, forward_args=forward_args,
+                        forward_kwargs=forward_kwargs, options=options)
     return mean
 
 
 def vargrad(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
     method: str = "saliency",
@@ -165,8 +201,10 @@ def vargrad(
     seed: int = 0,
     batch_size: int | None = None,
     eval_mode: bool = True,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
-) -> Tensor:
+) -> InputLike:
     """VarGrad: the variance of ``method`` over noisy copies of ``x``. Returns ``method``'s shape.
 
     Adebayo, Gilmer, Goodfellow & Kim, "Local Explanation Methods for Deep Neural Networks Lack
@@ -174,8 +212,11 @@ def vargrad(
     (divided by ``samples``, as Captum's NoiseTunnel) instead of the mean; 0 for ``noise=0``.
     """
     mean, variance = _smoothed(model, x, target, method=method, samples=samples, noise=noise, seed=seed,
-                               batch_size=batch_size, eval_mode=eval_mode, options=options)
-    return torch.zeros_like(mean) if variance is None else variance
+                               batch_size=batch_size, eval_mode=eval_mode, forward_args=forward_args,
+                               forward_kwargs=forward_kwargs, options=options)
+    if variance is not None:
+        return variance
+    return tuple(torch.zeros_like(m) for m in mean) if isinstance(mean, tuple) else torch.zeros_like(mean)
 
 
 register("smoothgrad", smoothgrad, needs=Need.OWN, look=Look.SIGNED, title="SmoothGrad")

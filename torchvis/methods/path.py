@@ -3,14 +3,16 @@ a baseline to the input, integrated by a quadrature rule."""
 
 from __future__ import annotations
 
-from typing import Literal, overload
+from collections.abc import Mapping
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from torchvis.core.forward import Target, check_finite, check_input, checked_logits, guarded, resolve_target
-from torchvis.core.passes import gradient_pass
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model
+from torchvis.core.passes import gradient_pass, target_pass
+from torchvis.core.targets import Target, given_target, take_target
 from torchvis.methods.perturbation import default_batch_size
 from torchvis.methods.spec import Look, Need, register
 
@@ -47,7 +49,10 @@ def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
     return [(k + shift) / n for k in range(n)], [1 / n] * n
 
 
-def _baseline_like(baseline: float | Tensor, x: Tensor) -> Tensor:
+Baseline = float | Tensor | tuple[float | Tensor, ...]
+
+
+def _baseline_like(baseline: float | Tensor, x: Tensor, name: str = "x") -> Tensor:
     """``baseline`` as a tensor of ``x``'s dtype and device, expanded to ``x``'s shape."""
     if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
         raise TypeError(f"baseline must be a number or a tensor; got {type(baseline).__name__}")
@@ -57,90 +62,139 @@ def _baseline_like(baseline: float | Tensor, x: Tensor) -> Tensor:
     except RuntimeError:
         shape = None
     if shape != x.shape:
-        raise ValueError(f"baseline of shape {list(b.shape)} does not broadcast to x's shape {list(x.shape)}")
+        raise ValueError(
+            f"baseline of shape {list(b.shape)} does not broadcast to {name}'s shape {list(x.shape)}"
+        )
     return b.expand_as(x)
 
 
-def _end_scores(
-    model: nn.Module, x: Tensor, baseline: Tensor, target: Target, eval_mode: bool, *, both: bool
-) -> tuple[Tensor, Tensor]:
-    """The target per example and, if ``both``, ``F(x) - F(baseline)`` (else zeros), from a forward
-    pass of ``x`` (and one of the baseline)."""
-    with guarded(model, x, eval_mode=eval_mode, grad=False), torch.no_grad():
-        logits = checked_logits(model(x.clone()), x.shape[0])  # a model may change its input in place
-        check_finite(logits)
-        t = resolve_target(target, logits)
-        if not both:
-            return t, logits.new_zeros(x.shape[0])
-        far = checked_logits(model(baseline.clone()), x.shape[0])
-        check_finite(far)
-        return t, (logits - far).gather(1, t[:, None])[:, 0]
+def baselines_for(baseline: Baseline, inputs: Inputs) -> list[Tensor]:
+    """One baseline per input, each expanded to its input's shape: a number for every input, a tensor
+    broadcastable to ``x`` (one input), or a tuple with one number or tensor per input."""
+    many = len(inputs.tensors) > 1 or inputs.was_tuple
+    if isinstance(baseline, list):
+        raise TypeError("one baseline per input is a tuple, not a list: baseline=(0.0, meta_mean)")
+    if isinstance(baseline, tuple):
+        if len(baseline) != len(inputs.tensors):
+            raise ValueError(f"baseline has {len(baseline)} entries for {len(inputs.tensors)} inputs; give "
+                             "one per input (or one number for all)")
+        parts: tuple[Any, ...] = baseline
+    elif isinstance(baseline, Tensor) and many and baseline.dim() > 0:
+        raise ValueError("x is a tuple of inputs: give the baselines as a tuple, one per input (a tensor or "
+                         "a number each), or one number for all")
+    else:
+        parts = (baseline,) * len(inputs.tensors)
+    return [_baseline_like(b, t.detach(), f"x[{i}]" if many else "x")
+            for i, (b, t) in enumerate(zip(parts, inputs.tensors, strict=True))]
+
+
+def batch_size_for(inputs: Inputs, batch_size: int | None) -> int:
+    """``batch_size`` checked, or :func:`~torchvis.methods.perturbation.default_batch_size`'s default
+    for one example of all the inputs together."""
+    if batch_size is None:
+        if len(inputs.tensors) == 1:
+            return default_batch_size(inputs.first)
+        values = sum(t[0].numel() for t in inputs.tensors)
+        return default_batch_size(inputs.first.new_empty(()).expand(1, values))  # no memory: only its size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    return batch_size
 
 
 @overload
 def integrated_gradients(
-    model: nn.Module, x: Tensor, target: Target = ..., *, baseline: float | Tensor = ..., steps: int = ...,
+    model: Model, x: Tensor, target: Target = ..., *, baseline: Baseline = ..., steps: int = ...,
     rule: str = ..., batch_size: int | None = ..., return_delta: Literal[False] = ..., eval_mode: bool = ...,
+    forward_args: Any = ..., forward_kwargs: Mapping[str, Any] | None = ...,
 ) -> Tensor: ...
 
 
 @overload
 def integrated_gradients(
-    model: nn.Module, x: Tensor, target: Target = ..., *, baseline: float | Tensor = ..., steps: int = ...,
+    model: Model, x: tuple[Tensor, ...], target: Target = ..., *, baseline: Baseline = ..., steps: int = ...,
+    rule: str = ..., batch_size: int | None = ..., return_delta: Literal[False] = ..., eval_mode: bool = ...,
+    forward_args: Any = ..., forward_kwargs: Mapping[str, Any] | None = ...,
+) -> tuple[Tensor, ...]: ...
+
+
+@overload
+def integrated_gradients(
+    model: Model, x: InputLike, target: Target = ..., *, baseline: Baseline = ..., steps: int = ...,
     rule: str = ..., batch_size: int | None = ..., return_delta: Literal[True], eval_mode: bool = ...,
-) -> tuple[Tensor, Tensor]: ...
+    forward_args: Any = ..., forward_kwargs: Mapping[str, Any] | None = ...,
+) -> tuple[InputLike, Tensor]: ...
 
 
 def integrated_gradients(
-    model: nn.Module,
-    x: Tensor,
+    model: Model,
+    x: InputLike,
     target: Target = None,
     *,
-    baseline: float | Tensor = 0.0,
+    baseline: Baseline = 0.0,
     steps: int = 50,
     rule: str = "gausslegendre",
     batch_size: int | None = None,
     return_delta: bool = False,
     eval_mode: bool = True,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Integrated Gradients. Returns the shape of ``x`` ``[B,C,H,W]`` (and ``[B]`` with ``return_delta``).
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> InputLike | tuple[InputLike, Tensor]:
+    """Integrated Gradients. Returns the structure and shape of ``x`` (a tensor ``[B, ...]`` or a tuple
+    of them, one map per input), and ``[B]`` with ``return_delta``.
 
     Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML 2017:
-    ``(x - x') * integral_0^1 dF(x' + alpha (x - x'))/dx dalpha``, with ``x'`` the ``baseline`` (a number
-    or a tensor broadcastable to ``x``) and the integral taken by ``rule`` with ``steps`` nodes
-    (:func:`quadrature`: Captum's conventions, so the result equals Captum's
-    ``IntegratedGradients(n_steps=steps, method=rule)`` — but for ``"riemann_trapezoid"``, whose
-    Captum weights sum to ``1 - 1/steps``). The ``steps * B`` path points go through the model in
-    batches of at most ``batch_size`` (default: as :func:`torchvis.methods.perturbation.
-    default_batch_size` chooses), one forward and one ``torch.autograd.grad`` each. With
-    ``return_delta``, also the completeness gap ``sum(IG) - (F(x) - F(x'))`` per example.
+    ``(x - x') * integral_0^1 dF(x' + alpha (x - x'))/dx dalpha``, with ``x'`` the ``baseline`` (a number,
+    a tensor broadcastable to ``x``, or for a tuple ``x`` a tuple with one of them per input) and the
+    integral taken by ``rule`` with ``steps`` nodes (:func:`quadrature`: Captum's conventions, so the
+    result equals Captum's ``IntegratedGradients(n_steps=steps, method=rule)`` — but for
+    ``"riemann_trapezoid"``, whose Captum weights sum to ``1 - 1/steps``). Every input moves along its
+    own path with the same ``alpha``. The ``steps * B`` path points go through the model in batches of
+    at most ``batch_size`` (default: as :func:`torchvis.methods.perturbation.default_batch_size`
+    chooses for one example of all inputs), one forward and one ``torch.autograd.grad`` each; every
+    point explains the target of its example, resolved once on ``x``. ``model`` may be any callable;
+    ``forward_args``/``forward_kwargs`` go with every call, a per-example tensor (first dimension
+    ``B``) taken at each point's example (see :mod:`torchvis.core.inputs`). With ``return_delta``,
+    also the completeness gap ``sum(IG) - (F(x) - F(x'))`` per example, the sum over all inputs.
     """
-    x = check_input(x).detach()
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    check_model(model)
     nodes, weights = quadrature(rule, steps)
-    if batch_size is None:
-        batch_size = default_batch_size(x)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-    start = _baseline_like(baseline, x)
-    # One forward pass of x (and of the baseline, for the gap) resolves the target for every step.
-    targets, gap = _end_scores(model, x, start, target, eval_mode, both=return_delta)
-    batch, path = x.shape[0], x - start
-    alphas = torch.tensor(nodes, dtype=x.dtype, device=x.device)
-    scales = torch.tensor(weights, dtype=x.dtype, device=x.device)
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    total = torch.zeros_like(x)
+    batch_size = batch_size_for(inputs, batch_size)
+    xs = [t.detach() for t in inputs.tensors]
+    starts = baselines_for(baseline, inputs)
+    # One forward pass of x (and of the baseline, for the gap) resolves the target for every step; a
+    # given target needs none unless the gap is asked for.
+    targets = None if return_delta else given_target(target, inputs.batch)
+    if targets is None:
+        targets, score, far = target_pass(model, inputs, target, eval_mode=eval_mode,
+                                          also=[starts] if return_delta else [])
+    batch = inputs.batch
+    paths = [t - start for t, start in zip(xs, starts, strict=True)]
+    totals = [torch.zeros_like(t) for t in xs]
     # Flat index k = step * B + example: a batch holds consecutive steps of consecutive examples.
-    flat = torch.arange(steps * batch, device=x.device)
+    flat = torch.arange(steps * batch, device=inputs.device)
     for lo in range(0, steps * batch, batch_size):
         step, example = flat[lo : lo + batch_size] // batch, flat[lo : lo + batch_size] % batch
-        points = start[example] + alphas[step].view(shape) * path[example]
-        grads = gradient_pass(model, points, targets[example], input_grad=True, eval_mode=eval_mode)
-        assert grads.input_grad is not None
-        total.index_add_(0, example, grads.input_grad * scales[step].view(shape))
-    attributions = path * total
+        points = []
+        for t, start, path in zip(xs, starts, paths, strict=True):
+            alphas = torch.tensor(nodes, dtype=t.dtype, device=t.device)
+            points.append(start[example] + alphas[step].view(_column(t)) * path[example])
+        grads = gradient_pass(model, inputs.take(example, points), take_target(targets, example),
+                              input_grad=True, eval_mode=eval_mode)
+        assert grads.input_grads is not None
+        for t, total, grad in zip(xs, totals, grads.input_grads, strict=True):
+            scales = torch.tensor(weights, dtype=t.dtype, device=t.device)
+            total.index_add_(0, example, grad * scales[step].view(_column(t)))
+    attributions = [path * total for path, total in zip(paths, totals, strict=True)]
+    packed = inputs.pack(attributions)
     if not return_delta:
-        return attributions
-    return attributions, attributions.flatten(1).sum(dim=1) - gap
+        return packed
+    summed = sum(a.flatten(1).sum(dim=1) for a in attributions)
+    return packed, summed - (score - far[0])
+
+
+def _column(t: Tensor) -> tuple[int, ...]:
+    return (-1,) + (1,) * (t.dim() - 1)
 
 
 register("integrated_gradients", integrated_gradients, needs=Need.OWN, look=Look.SIGNED,

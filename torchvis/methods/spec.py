@@ -68,7 +68,7 @@ class Need(Enum):
         return self in (Need.INPUT_GRADIENT, Need.LAYER_GRADIENT, Need.GUIDED)
 
 
-FromPass = Callable[..., Tensor]
+FromPass = Callable[..., Any]  # returns a Tensor, or a tuple of them (one per input)
 
 
 @dataclass(frozen=True)
@@ -109,14 +109,14 @@ class MethodSpec:
 
 
 # Arguments every method takes that are not options of its own.
-_COMMON = ("model", "x", "target", "layer", "eval_mode")
+_COMMON = ("model", "x", "target", "layer", "eval_mode", "forward_args", "forward_kwargs")
 
 _SPECS: dict[str, MethodSpec] = {}
 
 
 def register(
     name: str,
-    function: Callable[..., Tensor],
+    function: Callable[..., Any],
     *,
     needs: Need | frozenset[Need] | set[Need] = Need.OWN,
     from_pass: FromPass | None = None,
