@@ -30,6 +30,7 @@ from torchvis import deletion, grad_cam, layer_cam, occlusion, saliency, shared_
 from torchvis.apps.digits import (
     CLASS_NAMES,
     DigitsCNN,
+    DigitsData,
     denormalize,
     evaluate,
     load_digits,
@@ -83,10 +84,10 @@ def maps_of(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     }
 
 
-def trained(kind: str, path: Path | None, seed: int) -> nn.Module:
+def trained(kind: str, path: Path | None, data: DigitsData, seed: int) -> nn.Module:
+    """The CNN or the ViT: loaded from ``path`` if it exists, else trained (and saved there)."""
     if path is not None and path.exists():
         return load_vit_model(path) if kind == "vit" else load_digits_model(path)
-    data = load_digits(seed=seed)
     start = time.perf_counter()
     if kind == "vit":
         model: nn.Module = train_vit(data, seed=seed, progress=True).model
@@ -113,8 +114,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    models = {"CNN": trained("cnn", args.cnn, args.seed), "ViT": trained("vit", args.vit, args.seed)}
     data = load_digits(seed=args.seed)
+    models = {"CNN": trained("cnn", args.cnn, data, args.seed),
+              "ViT": trained("vit", args.vit, data, args.seed)}
     x = data.test_x[: max(args.shown, args.scored)]
     maps = {name: maps_of(model, x) for name, model in models.items()}
     scored = x[: args.scored]
