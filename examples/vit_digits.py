@@ -11,22 +11,21 @@ method's mean deletion AUC (Petsiuk et al. 2018; lower is better) for each model
 of the predicted class is integrated.
 
 The CNN's CAMs are taken at ``relu2`` (24x24). The ViT's are taken at the last block's ``ln_1``:
-its 17 tokens are ``[B,17,64]``; the class token is dropped and the 16 patch tokens laid back on
-their 4x4 grid (``tokens_to_grid``) before Grad-CAM's formula is applied (``token_cams``).
+its 17 tokens are ``[B,17,64]``; ``reshape="auto"`` drops the class token and lays the 16 patch
+tokens back on their 4x4 grid before Grad-CAM's formula is applied.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from torchvis import deletion, grad_cam, layer_cam, occlusion, saliency, shared_passes
+from torchvis import deletion, grad_cam, layer_cam, occlusion, saliency
 from torchvis.apps.digits import (
     CLASS_NAMES,
     DigitsCNN,
@@ -39,8 +38,6 @@ from torchvis.apps.digits import (
     train_digits,
 )
 from torchvis.apps.vit_digits import BLACK, DigitsViT, load_vit_model, save_vit_checkpoint, train_vit
-from torchvis.methods.cam import grad_cam_from
-from torchvis.methods.cam_variants import layer_cam_from
 from torchvis.rendering.figure import explanation_figure, figure_rgb
 
 METHODS = {"saliency": "Saliency", "grad_cam": "Grad-CAM", "layer_cam": "LayerCAM", "occlusion": "Occlusion"}
@@ -48,35 +45,14 @@ CNN_LAYER = "relu2"
 OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width (as the demo)
 
 
-def tokens_to_grid(tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-    """``[B, 1 + h*w, D]`` transformer tokens (class token first) -> ``[B, D, h, w]`` patch feature map."""
-    h, w = grid
-    if tokens.dim() != 3 or tokens.shape[1] != 1 + h * w:
-        raise ValueError(f"expected [B, {1 + h * w}, D] tokens for a {h}x{w} grid, got {list(tokens.shape)}")
-    return tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
-
-
-# --- Token CAMs. Once grad_cam/layer_cam take reshape="auto", this whole function becomes
-# --- {"grad_cam": grad_cam(model, x, layer=layer, reshape="auto"), "layer_cam": layer_cam(...)}.
-def token_cams(model: DigitsViT, x: Tensor, layer: str) -> dict[str, Tensor]:
-    """Grad-CAM and LayerCAM of the predicted class at a token layer of ``model``, ``[B,1,28,28]`` each:
-    one shared forward+backward, the layer's activation and gradient laid on the patch grid."""
-    side = model.image_size // model.patch_size
-    shared = shared_passes(model, x, layers=[layer])[0]
-    assert shared.activation is not None and shared.grad is not None
-    on_grid = replace(shared, activation=tokens_to_grid(shared.activation, (side, side)),
-                      grad=tokens_to_grid(shared.grad, (side, side)))
-    return {"grad_cam": grad_cam_from(on_grid), "layer_cam": layer_cam_from(on_grid)}
-
-
 def maps_of(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """The four maps of the predicted class, ``[B,1,28,28]`` each."""
     if isinstance(model, DigitsViT):
-        layer = f"encoder.layers.encoder_layer_{len(model.encoder.layers) - 1}.ln_1"
-        cams = token_cams(model, x, layer)
+        where = {"layer": f"encoder.layers.encoder_layer_{len(model.encoder.layers) - 1}.ln_1",
+                 "reshape": "auto"}
     else:
-        cams = {"grad_cam": grad_cam(model, x, layer=CNN_LAYER),
-                "layer_cam": layer_cam(model, x, layer=CNN_LAYER)}
+        where = {"layer": CNN_LAYER}
+    cams = {"grad_cam": grad_cam(model, x, **where), "layer_cam": layer_cam(model, x, **where)}
     return {
         "saliency": saliency(model, x),
         **cams,

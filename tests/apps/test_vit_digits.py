@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+import torchvis
 from torchvis.apps.digits import DigitsCNN, DigitsData, load_digits, save_checkpoint
 from torchvis.apps.vit_digits import (
     BLACK,
@@ -255,28 +257,24 @@ def _example() -> ModuleType:
     return module
 
 
-def test_tokens_to_grid_drops_the_class_token_row_major() -> None:
-    tokens_to_grid = _example().tokens_to_grid
-    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)
-    grid = tokens_to_grid(tokens, (4, 4))
-    assert grid.shape == (2, 3, 4, 4)
-    # Patch (r, c) is token 1 + 4r + c, as conv_proj's output is flattened row by row.
-    assert torch.equal(grid[1, 2, 3, 1], tokens[1, 1 + 4 * 3 + 1, 2])
-    with pytest.raises(ValueError, match="17"):
-        tokens_to_grid(tokens[:, 1:], (4, 4))
-
-
-def test_token_grad_cam_matches_a_float64_reference() -> None:
+@pytest.mark.parametrize("layer", ["encoder.layers.encoder_layer_3.ln_1", None])
+def test_token_grad_cam_matches_a_float64_reference(layer: str | None) -> None:
+    """The example's maps of the ViT (reshape="auto"; layer=None picks the same last ln_1) against
+    Grad-CAM and LayerCAM written out on the patch tokens laid row by row on the 4x4 grid."""
     example = _example()
     model = _vit(4).double().eval()
     with torch.no_grad():
         model.heads.head.weight.normal_(generator=torch.Generator().manual_seed(1))
     x = torch.randn(3, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    layer = model.encoder.layers.encoder_layer_3.ln_1
-    maps = example.token_cams(model, x, "encoder.layers.encoder_layer_3.ln_1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # layer=None says which layer it picked
+        maps = {name: getattr(torchvis, name)(model, x, layer=layer, reshape="auto")
+                for name in ("grad_cam", "layer_cam")}
+    assert example.maps_of  # the example calls the same functions with the same layer
+    module = model.encoder.layers.encoder_layer_3.ln_1
 
     seen: list[Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:
         logits = model(x)
     finally:
