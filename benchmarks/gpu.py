@@ -9,7 +9,7 @@ and ``explain``; occlusion both naive and incremental; then the Monitor's loggin
 CNN. Each cell: median of ``--repeats`` calls after one warm-up, timed by ``benchmarks.timing``
 (CUDA events, the host waiting only after the end event), and the peak of
 ``torch.cuda.max_memory_allocated`` above what was live before. A method that cannot run on a model
-(Grad-CAM on ViT's token layout, say) is recorded as ``n/a (reason)``, never a crash; cells left
+is recorded as ``n/a (reason)``, never a crash; cells left
 when the wall budget runs out are ``n/a (time budget)``.
 """
 
@@ -35,11 +35,13 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 
 @dataclass(frozen=True)
 class GpuModel:
-    """A model to build (random weights), its input size and its Grad-CAM layer."""
+    """A model to build (random weights), its input size, its Grad-CAM layer and how that layer's
+    output reads as a feature map (``reshape``: ``"auto"`` for a ViT's tokens)."""
 
     build: Callable[[], nn.Module]
     size: int
     layer: str
+    reshape: str | None = None
 
 
 def _torchvision(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
@@ -70,12 +72,12 @@ FULL: dict[str, GpuModel] = {
     "resnet18": GpuModel(_torchvision("resnet18"), 224, "layer4"),
     "resnet50": GpuModel(_torchvision("resnet50"), 224, "layer4"),
     "vgg16": GpuModel(_torchvision("vgg16"), 224, "features.29"),
-    "vit_b_16": GpuModel(_torchvision("vit_b_16"), 224, "encoder.layers.encoder_layer_11"),
+    "vit_b_16": GpuModel(_torchvision("vit_b_16"), 224, "encoder.layers.encoder_layer_11.ln_1", "auto"),
 }
 # The dry run: the same code paths on models small enough for the CPU in seconds.
 DRY: dict[str, GpuModel] = {
     "cnn_tiny": GpuModel(_tiny_cnn, 32, "4"),
-    "vit_tiny": GpuModel(_tiny_vit, 32, "encoder.layers.encoder_layer_0"),
+    "vit_tiny": GpuModel(_tiny_vit, 32, "encoder.layers.encoder_layer_0.ln_1", "auto"),
 }
 PRECISIONS = (
     ("fp32", None, False),
@@ -96,7 +98,7 @@ class Cell:
 
 
 def method_runs(
-    model: nn.Module, x: Tensor, layer: str, window: int, stride: int
+    model: nn.Module, x: Tensor, layer: str, window: int, stride: int, reshape: str | None = None
 ) -> dict[str, Callable[[], object]]:
     """Every registered method (options it needs filled in), explain, and occlusion naive/incremental."""
     from torchvis.methods import METHODS, SPECS, explain
@@ -105,6 +107,8 @@ def method_runs(
         """What each registered method needs, from its spec: the layer, occlusion's window."""
         spec = SPECS[name]
         kw: dict[str, Any] = {"layer": layer} if spec.takes_layer else {}
+        if reshape is not None and "reshape" in spec.options:
+            kw["reshape"] = reshape
         if "window" in spec.options:
             kw.update(window=window, stride=stride)
         if "incremental" in spec.options:
@@ -121,8 +125,9 @@ def method_runs(
     runs["occlusion naive"] = lambda: METHODS["occlusion"](
         model, x, window=window, stride=stride, incremental=False
     )
+    shape = {} if reshape is None else {"reshape": reshape}
     runs["explain saliency+grad_cam"] = lambda: explain(
-        model, x, methods=["saliency", "grad_cam"], layer=layer
+        model, x, methods=["saliency", "grad_cam"], layer=layer, **shape
     )
     return runs
 
@@ -170,7 +175,7 @@ def run_grid(args: argparse.Namespace, device: torch.device, log: Callable[[str]
                 window, stride = (16, 8) if batch == 1 else (spec.size // 4, spec.size // 8)
                 if args.dry_run:
                     window, stride = 16, 8
-                for method, run in method_runs(model, x, spec.layer, window, stride).items():
+                for method, run in method_runs(model, x, spec.layer, window, stride, spec.reshape).items():
                     cell = Cell(name, batch, precision, method)
                     if time.monotonic() > deadline:
                         cell.note = "n/a (time budget)"

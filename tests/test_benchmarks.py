@@ -215,9 +215,33 @@ def test_gpu_script_dry_run_appends_a_dated_section(tmp_path: Path) -> None:
     assert len(rows) == 2 * 2 * 3 * len(methods) and {row[3] for row in rows} == methods
     for model, batch, precision, method, ms, _, note in (row[:7] for row in rows):
         assert precision in ("fp32", "bf16", "bf16 channels-last")
-        if model == "| cnn_tiny":
-            assert float(ms) > 0 and note.strip(" |") == "", (batch, precision, method, note)
-        elif method in ("grad_cam", "guided_grad_cam", "explain saliency+grad_cam"):
-            # ViT's blocks output tokens [B, N, C]: recorded as not applicable, not a crash.
-            assert ms == "-" and note.startswith("n/a (ValueError: Grad-CAM needs a layer"), note
+        # Every cell measured, the ViT's layer methods too (its tokens read with reshape="auto").
+        assert float(ms) > 0 and note.strip(" |") == "", (model, batch, precision, method, note)
     assert "| digits training | 8 | fp32 | train step + Monitor.step, logging |" in text
+
+
+def test_vit_benchmark_measures_grad_cam_against_its_floor() -> None:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from benchmarks import vit
+    from torchvis.methods.cam import grad_cam
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = VisionTransformer(image_size=28, patch_size=7, num_layers=2, num_heads=2, hidden_dim=8,
+                                  mlp_dim=16, num_classes=4).eval()
+        nn.init.normal_(model.heads.head.weight)
+    x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    timing = vit.measure(model, x, layer=layer, repeats=3)
+    assert len(timing.seconds) == len(timing.floor) == 3
+    # The floor's gradient is the one Grad-CAM reads: the map from it equals grad_cam's.
+    seen: dict[str, Tensor] = {}
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: seen.update(a=o))
+    grad = vit.floor(model, x, module)
+    handle.remove()
+    to_map = lambda t: t[:, 1:].reshape(2, 4, 4, 8).permute(0, 3, 1, 2)  # noqa: E731
+    heat = (to_map(grad).mean(dim=(2, 3), keepdim=True) * to_map(seen["a"])).sum(dim=1, keepdim=True).relu()
+    expected = torch.nn.functional.interpolate(heat, size=(28, 28), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(grad_cam(model, x, vit.TARGET, layer=layer, reshape="auto"), expected.detach())

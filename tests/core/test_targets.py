@@ -120,7 +120,7 @@ def test_callable_returning_the_wrong_shape_is_a_clear_error() -> None:
         return out.sum(dim=2)  # [B, 5]: not one score per example
 
     for method in METHODS:
-        with pytest.raises(ValueError, match=r"one score per example \[B=3\].*shape \[3, 5\]"):
+        with pytest.raises(ValueError, match=r"one score per example \[B=\d+\].*shape \[\d+, 5\]"):
             torchvis.METHODS[method](model, x, whole_output)
     with pytest.raises(ValueError, match="floating tensor"):
         torchvis.saliency(model, x, lambda out: out[:, 0, 0].long())

@@ -337,5 +337,6 @@ def test_a_given_target_skips_the_clean_forward(method: str, target: Any) -> Non
     if callable(target):
         expected = torchvis.METHODS[method](model, x, target, batch_size=8, **options)
     else:
-        expected = torchvis.METHODS[method](model, x, torch.as_tensor(resolved).expand(2), batch_size=8, **options)
+        classes_per_example = torch.as_tensor(resolved).expand(2)
+        expected = torchvis.METHODS[method](model, x, classes_per_example, batch_size=8, **options)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

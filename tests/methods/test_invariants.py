@@ -251,6 +251,84 @@ def test_model_that_changes_its_input_in_place(name: str) -> None:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
+# --- a Conv1d model with the layer methods: N-d maps, tuple outputs, layer inputs, bad layers ----------
+
+LAYER_CALLS = [name for name, spec in SPECS.items() if spec.takes_layer] + ["explain"]
+
+
+class Pair(nn.Module):
+    """Returns its input and its negation: a tuple output."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x, -x
+
+
+class SignalHygieneNet(nn.Module):
+    """conv1d -> batch-norm -> in-place ReLU -> dropout -> pair[0] -> conv1d -> ReLU -> fuse -> GAP ->
+    linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.drop = nn.Dropout(0.5)
+        self.pair = Pair()
+        self.conv2 = nn.Conv1d(4, 4, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.fuse = Fuse()
+        self.head = nn.Sequential(nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pair(self.drop(self.relu1(self.bn1(self.conv1(x)))))[0]
+        return self.head(self.fuse(self.relu2(self.conv2(x))))
+
+
+def used_signal_model() -> SignalHygieneNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SignalHygieneNet().double().train()
+        for _ in range(3):
+            model(torch.randn(4, 2, 9, dtype=torch.float64) * 2 + 1).logsumexp(dim=1).sum().backward()
+    model.fuse.calls = 0
+    return model
+
+
+SIGNAL_CASES: dict[str, tuple[dict[str, Any], type[Exception] | None, str]] = {
+    "conv": ({"layer": "relu2"}, None, ""),
+    "tuple-element": ({"layer": "pair[0]"}, None, ""),
+    "layer-input": ({"layer": ("conv2", 0), "layer_input": True}, None, ""),
+    "raise-in-forward": ({"layer": "relu2"}, Boom, "call 1"),
+    "no-spatial-dims": ({"layer": "head.2"}, ValueError, r"got shape \[2, 3\] from layer 'head.2'"),
+    "tuple-without-index": ({"layer": "pair"}, ValueError, r"'pair' returned a tuple of 2"),
+    "index-out-of-range": ({"layer": "pair[2]"}, ValueError, "index 2 is out of range"),
+    "reshape-wrong-rank": ({"layer": "relu2", "reshape": lambda t: t.flatten(1)}, ValueError,
+                           r"gave shape \[2, 28\]; it must give"),
+}
+
+
+@pytest.mark.parametrize("case", list(SIGNAL_CASES))
+@pytest.mark.parametrize("name", LAYER_CALLS)
+def test_signal_model_layer_methods_leave_everything_as_it_was(name: str, case: str) -> None:
+    options, error, message = SIGNAL_CASES[case]
+    model = used_signal_model()
+    x = torch.randn(2, 2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    before = snapshot(model, x)
+    if error is Boom:
+        model.fuse.fail_at = 1
+    call = (lambda: explain(model, x, methods=LAYER_CALLS[:-1], **options)) if name == "explain" else (
+        lambda: METHODS[name](model, x, **options))
+    if error is None:
+        result = call()
+        maps = result.values() if isinstance(result, dict) else [result]
+        assert all(m.shape[-1] == 7 and m.dim() == 3 for m in maps)
+    else:
+        with pytest.raises(error, match=message):
+            call()
+    assert_untouched(model, x, before)
+    assert_same_tensors(before["buffers"], snapshot(model, x)["buffers"], "buffer")
+
+
 # --- other input kinds: tabular, signal, two inputs with forward_args, a plain function ------------
 
 

@@ -126,8 +126,11 @@ def test_one_row_without_labels_has_no_label_band() -> None:
 
 
 def test_figure_rejects_bad_shapes() -> None:
-    with pytest.raises(ValueError, match=r"image\[None\]"):
-        explanation_figure(torch.rand(3, SIZE, SIZE), {})
+    # A 3-D tensor is a batch of signals now; a 6-D one is nothing torchvis can draw.
+    with pytest.raises(ValueError, match=r"nothing to draw: a 6-D input"):
+        explanation_figure(torch.rand(1, 3, 2, 2, 2, 2), {})
+    with pytest.raises(ValueError, match="with 1 or 3 channels"):
+        explanation_figure(torch.rand(1, 2, SIZE, SIZE), {})
     with pytest.raises(ValueError, match="B = 2"):
         explanation_figure(torch.rand(2, 3, SIZE, SIZE), {"saliency": torch.rand(1, 1, SIZE, SIZE)})
     with pytest.raises(ValueError, match="row_labels"):

@@ -253,8 +253,8 @@ def test_bad_arguments_fail_at_construction() -> None:
         AttributionCallback(probe_x, probe_y, every_n_steps=0)
     with pytest.raises(ValueError, match="nothing would be logged"):
         AttributionCallback(probe_x, probe_y, every_n_steps=None)
-    with pytest.raises(ValueError, match="add a batch dimension"):
-        AttributionCallback(probe_x[0], probe_y)
+    with pytest.raises(ValueError, match="must share the batch size"):  # any input kind, checked here
+        AttributionCallback((probe_x, probe_x[:3]), probe_y)
     with pytest.raises(ValueError, match="needs the probe's labels"):
         AttributionCallback(probe_x, None)  # type: ignore[arg-type]
 
@@ -276,3 +276,36 @@ def test_lightning_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:  # the fresh copies must not outlive the test; monkeypatch puts the originals back
         for name in [n for n in sys.modules if n.split(".")[0] == "torchvis" and n not in ours]:
             del sys.modules[name]
+
+
+class SignalAndTable(pl.LightningModule):
+    """A signal [B,2,16] (Conv1d) and a table [B,3], 2 classes: the callback's probe is a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3, padding=1)
+        self.fc = nn.Linear(4 + 3, 2)
+
+    def forward(self, signal: Tensor, table: Tensor) -> Tensor:
+        return self.fc(torch.cat([torch.relu(self.conv(signal)).mean(dim=2), table], dim=1))
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        signal, table, y = batch
+        return F.cross_entropy(self(signal, table), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_tuple_probe_of_signals_and_a_table_is_logged_per_input(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(3)
+    signal, table = torch.randn(16, 2, 16, generator=g), torch.randn(16, 3, generator=g)
+    y = torch.arange(16) % 2
+    cb = AttributionCallback((signal[:4], table[:4]), y[:4], methods=("saliency",), every_n_steps=2,
+                             feature_names=["a", "b", "c"])
+    torch.manual_seed(0)
+    data_loader = DataLoader(TensorDataset(signal, table, y), batch_size=4)
+    trainer(tmp_path, [cb], max_steps=4, limit_val_batches=0).fit(SignalAndTable(), data_loader)
+    steps = image_steps(read_events(tmp_path))
+    assert steps == {"torchvis/input/x0": [0], "torchvis/input/x1": [0],
+                     "torchvis/saliency/x0": [0, 2, 4], "torchvis/saliency/x1": [0, 2, 4]}

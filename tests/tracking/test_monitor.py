@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
+from torchvis.core.inputs import Inputs
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.tensorboard import PNGWriter
 
@@ -141,9 +142,10 @@ def test_nothing_runs_between_logging_steps(tmp_path: Path) -> None:
     for module in model.modules():
         assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
         assert module.training
-    kept = [name for name, value in vars(monitor).items() if isinstance(value, Tensor)]
-    assert sorted(kept) == ["_probe", "images", "labels"]
-    assert monitor.images is monitor._probe  # one copy of the probe while the dtype matches
+    kept = [name for name, value in vars(monitor).items() if isinstance(value, (Tensor, Inputs))]
+    assert sorted(kept) == ["_inputs", "_probe", "labels"]
+    assert monitor._inputs is monitor._probe  # one copy of the probe while the dtype matches
+    assert monitor.images is monitor._probe.first and monitor._probe.tensors == (monitor.images,)
     assert all(p.grad is None for p in model.parameters())
     monitor.close()
     with pytest.raises(RuntimeError, match="closed"):

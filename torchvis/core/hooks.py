@@ -7,7 +7,11 @@ attached in ``finally`` — also when the model raises. Layers are addressed by 
 Public pieces:
 
 - :func:`resolve_layer` — a name or module to ``(name, module)``; unknown names list close matches.
-- :func:`capture` — record chosen layers' outputs (and the gradients that reach them).
+- :func:`address` — a layer method's layer (a name, module, ``(layer, index)`` or ``"name[index]"``)
+  to a :class:`Address`.
+- :func:`unwrap` — the module inside ``torch.compile``, ``nn.DataParallel`` and DDP wrappers, whose
+  submodules run (and fire hooks) when it is called.
+- :func:`capture` — record chosen layers' outputs or inputs (and the gradients that reach them).
 - :func:`forward_hooks` — attach arbitrary forward (pre-)hooks for the duration of a block.
 - :func:`guided_relus` — route every ReLU (module or functional) through the guided-backprop rule.
 - :func:`batch_statistics_only` — train-mode normalisation layers use the batch's statistics and
@@ -22,6 +26,7 @@ untouched. Tensor hooks and torch function modes are per-thread already.
 from __future__ import annotations
 
 import difflib
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -36,16 +41,47 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 LayerRef = str | nn.Module
+# A layer for the layer methods: also one element of a tuple output (or input), by index.
+LayerAddress = LayerRef | tuple[LayerRef, int]
 ForwardHook = Callable[[nn.Module, tuple[Any, ...], Any], Any]
 ForwardPreHook = Callable[[nn.Module, tuple[Any, ...]], Any]
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` (``OptimizedModule._orig_mod``), ``nn.DataParallel`` or
+    ``DistributedDataParallel`` (``.module``) wrapper runs, unwrapping nested wrappers; ``model``
+    itself otherwise.
+
+    Hooks go on the original module's submodules and the original module is called: a compiled
+    graph does not call module hooks added after compiling (PyTorch issue 117758), so hooking through
+    the wrapper could silently record nothing.
+    """
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def resolve_layer(model: nn.Module, layer: LayerRef) -> tuple[str, nn.Module]:
     """Return ``(dotted name, module)`` for a layer given by name or by module object.
 
-    Raises ``ValueError`` for a name that ``model.named_modules()`` does not know (listing the
-    closest names) or for a module object that is not part of ``model``.
+    A wrapped model (see :func:`unwrap`) is addressed by its original module's names; a name with the
+    wrapper's ``_orig_mod.`` or ``module.`` prefix is accepted too. Raises ``ValueError`` for a name
+    that ``model.named_modules()`` does not know (listing the closest names) or for a module object
+    that is not part of ``model``.
     """
+    inner = unwrap(model)
+    if inner is not model:
+        if isinstance(layer, str):
+            while layer.startswith(_WRAPPER_PREFIXES):
+                layer = layer.split(".", 1)[1]
+        model = inner
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
@@ -59,6 +95,37 @@ def resolve_layer(model: nn.Module, layer: LayerRef) -> tuple[str, nn.Module]:
     close = difflib.get_close_matches(layer, [n for n in modules if n], n=5, cutoff=0.4)
     hint = f"closest: {', '.join(repr(n) for n in close)}" if close else "see model.named_modules()"
     raise ValueError(f"unknown layer {layer!r}; {hint}")
+
+
+class Address(NamedTuple):
+    """A layer method's layer: the module's dotted ``name`` and, for a module whose output (or input)
+    is a tuple, the index of the ``element`` wanted (``None``: the output is a tensor)."""
+
+    name: str
+    element: int | None = None
+
+    @property
+    def key(self) -> str:
+        """``"name"``, or ``"name[element]"``: the name recordings and maps go by."""
+        return self.name if self.element is None else f"{self.name}[{self.element}]"
+
+
+_INDEXED = re.compile(r"^(.*)\[(-?\d+)\]$")
+
+
+def address(model: nn.Module, layer: LayerAddress) -> Address:
+    """The :class:`Address` of ``layer``: a name or module (see :func:`resolve_layer`), or one element
+    of its tuple output as ``(name_or_module, index)`` or ``"name[index]"`` (no module name contains
+    brackets, so the string form is unambiguous)."""
+    if isinstance(layer, tuple):
+        if len(layer) != 2 or isinstance(layer[1], bool) or not isinstance(layer[1], int):
+            raise TypeError(
+                f"a tuple layer is (name or module, index), e.g. ('encoder.lstm', 0); got {layer!r}"
+            )
+        return Address(resolve_layer(model, layer[0])[0], layer[1])
+    if isinstance(layer, str) and (match := _INDEXED.match(layer)):
+        return Address(resolve_layer(model, match[1])[0], int(match[2]))
+    return Address(resolve_layer(model, layer)[0])
 
 
 @contextmanager
@@ -144,8 +211,8 @@ class Recording:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[LayerRef]) -> Iterator[Recording]:
-    """Record the outputs of ``layers`` (and the gradients reaching them) while the block runs.
+def capture(model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = False) -> Iterator[Recording]:
+    """Record the outputs of ``layers`` (and the gradients that reach them) while the block runs.
 
     Example::
 
@@ -154,40 +221,106 @@ def capture(model: nn.Module, layers: Sequence[LayerRef]) -> Iterator[Recording]
             grad, = torch.autograd.grad(score, rec.outputs["layer4"])
         rec.grads["layer4"]  # the same gradient, recorded by a tensor hook
 
+    Recordings go by :attr:`Address.key` (``"name"``, or ``"name[index]"`` for one element of a tuple
+    output, see :func:`address`). With ``inputs``, each layer's positional input (the first, or the
+    one at ``index``) is recorded instead of its output (Captum's ``attribute_to_layer_input``). A
+    tuple output without an index, an index out of range or an element that is not a tensor is a
+    ``ValueError`` raised at the layer's call, before any gradient is computed.
+
     Uses forward hooks and tensor hooks only (``register_full_backward_hook`` fails on in-place ReLU).
-    The layer passes a copy of its output downstream, so an in-place op after the layer cannot corrupt
-    the recorded tensor.
+    The layer passes a copy of its output (or gets a copy of its input), so an in-place op cannot
+    corrupt the recorded tensor.
     """
-    resolved = [resolve_layer(model, layer) for layer in layers]
+    addresses = [address(model, one) for one in layers]
+    resolved = [(addr, resolve_layer(model, addr.name)[1]) for addr in addresses]
     rec = Recording()
     grad_handles: dict[str, RemovableHandle] = {}
 
-    def make_hook(name: str) -> ForwardHook:
+    def record(key: str, value: Tensor) -> Tensor:
         def store_grad(grad: Tensor) -> None:
-            rec.grads[name] = grad
+            rec.grads[key] = grad
 
-        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Tensor:
-            if not isinstance(output, Tensor):
-                raise TypeError(
-                    f"layer {name!r} returned {type(output).__name__}; capture needs a tensor output"
-                )
-            rec.calls[name] += 1
-            rec.outputs[name] = output
-            rec._versions[name] = output._version
-            if name in grad_handles:  # a module called again: only its last call is recorded
-                grad_handles.pop(name).remove()
-            if output.requires_grad:
-                grad_handles[name] = output.register_hook(store_grad)
-            return output.clone()
+        rec.calls[key] += 1
+        rec.outputs[key] = value
+        rec._versions[key] = value._version
+        if key in grad_handles:  # a module called again: only its last call is recorded
+            grad_handles.pop(key).remove()
+        if value.requires_grad:
+            grad_handles[key] = value.register_hook(store_grad)
+        return value.clone()
+
+    def make_hook(addr: Address) -> ForwardHook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            return _replace(output, addr, record, "returned")
 
         return hook
 
+    def make_pre_hook(addr: Address) -> ForwardPreHook:
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> Any:
+            if not args:
+                raise ValueError(f"layer {addr.name!r} was called without a positional input to record")
+            first = Address(addr.name, addr.element or 0)  # recorded under addr.key all the same
+            return _replace(args, first, lambda _, value: record(addr.key, value), "was called with")
+
+        return pre_hook
+
     try:
-        with forward_hooks((module, make_hook(name)) for name, module in resolved):
-            yield rec
+        if inputs:
+            with forward_hooks((), ((module, make_pre_hook(addr)) for addr, module in resolved)):
+                yield rec
+        else:
+            with forward_hooks((module, make_hook(addr)) for addr, module in resolved):
+                yield rec
     finally:
         for handle in grad_handles.values():
             handle.remove()
+
+
+def _replace(value: Any, addr: Address, record: Callable[[str, Tensor], Tensor], verb: str) -> Any:
+    """``value`` with the tensor ``addr`` points at (``value`` itself, or its element ``addr.element``)
+    replaced by ``record(addr.key, tensor)``."""
+    if addr.element is None:
+        if isinstance(value, Tensor):
+            return record(addr.key, value)
+        if isinstance(value, (tuple, list)):
+            raise ValueError(
+                f"layer {addr.name!r} {verb} a {type(value).__name__} of {len(value)} "
+                f"({_describe(value)}); choose one element: layer=({addr.name!r}, 0) or "
+                f"layer='{addr.name}[0]'"
+            )
+        raise TypeError(f"layer {addr.name!r} {verb} {type(value).__name__}; capture needs a tensor output")
+    if not isinstance(value, (tuple, list)):
+        raise ValueError(
+            f"layer {addr.key!r}: an index needs a tuple, but layer {addr.name!r} {verb} "
+            f"{_describe_one(value)}; drop the index"
+        )
+    if not -len(value) <= addr.element < len(value):
+        raise ValueError(
+            f"layer {addr.key!r}: index {addr.element} is out of range for the {len(value)} elements "
+            f"({_describe(value)}) that layer {addr.name!r} {verb}"
+        )
+    element = value[addr.element]
+    if not isinstance(element, Tensor):
+        raise ValueError(
+            f"layer {addr.key!r} is {_describe_one(element)}, not a tensor; choose another index"
+        )
+    items = list(value)
+    items[addr.element] = record(addr.key, element)
+    if isinstance(value, list):
+        return items
+    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+
+
+def _describe(values: Sequence[Any]) -> str:
+    return ", ".join(f"[{i}] {_describe_one(v)}" for i, v in enumerate(values))
+
+
+def _describe_one(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"Tensor{list(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}({_describe(value)})"
+    return type(value).__name__
 
 
 class ModuleOutput(NamedTuple):
@@ -200,8 +333,9 @@ class ModuleOutput(NamedTuple):
 
 
 @contextmanager
-def feature_maps(model: nn.Module) -> Iterator[list[ModuleOutput]]:
-    """Record, in the order the modules finish, every submodule's 4-D tensor output ``[B,K,h,w]``.
+def feature_maps(model: nn.Module, rank: int = 4) -> Iterator[list[ModuleOutput]]:
+    """Record, in the order the modules finish, every submodule's tensor output with ``rank``
+    dimensions (``[B,K,h,w]`` by default; 3 for ``[B,K,L]``, 5 for ``[B,K,D,H,W]``).
 
     Yields a list that fills as the block's forward pass runs; a module called several times
     appears once per call. Outputs are not copied.
@@ -210,7 +344,7 @@ def feature_maps(model: nn.Module) -> Iterator[list[ModuleOutput]]:
 
     def make_hook(name: str) -> ForwardHook:
         def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-            if isinstance(output, Tensor) and output.dim() == 4:
+            if isinstance(output, Tensor) and output.dim() == rank:
                 seen.append(ModuleOutput(name, module, output, output._version))
 
         return hook

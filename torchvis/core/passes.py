@@ -8,6 +8,7 @@ backward that stops at the deepest tensor requested.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -18,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchvis.core import hooks
+from torchvis.core import hooks, layouts
 from torchvis.core.forward import check_finite, grad_leaf, guarded
-from torchvis.core.hooks import LayerRef
+from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, check_module
 from torchvis.core.targets import Resolved, Target, resolve_target, score_of
 
@@ -57,29 +58,36 @@ def gradient_pass(
     x: InputLike | Inputs,
     target: Target = None,
     *,
-    layers: Sequence[LayerRef | None] = (),
+    layers: Sequence[LayerAddress | None] = (),
     input_grad: bool = False,
     guided: bool = False,
     eval_mode: bool = True,
+    layer_input: bool = False,
 ) -> GradientPass:
     """Gradients of the target logit at the input and/or at ``layers``, from one forward and one backward.
 
     ``x``: a tensor ``[B, ...]``, a tuple of them, or :class:`~torchvis.core.inputs.Inputs` (with extra
-    forward arguments). A ``None`` layer means the last module whose output is still a spatial feature
-    map (see :func:`pick_feature_layer`). With ``guided``, every ReLU's backward follows guided
-    backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable.
+    forward arguments). A ``None`` layer means, for a torchvision-style ViT, the last block's ``ln_1``
+    (:func:`torchvis.core.layouts.vit_layer`), else the last module whose output is still a spatial
+    feature map of the first input's rank (see :func:`pick_feature_layer`). A layer may be one element
+    of a tuple output (:func:`torchvis.core.hooks.address`); with ``layer_input`` the layers' inputs
+    are taken instead of their outputs. With ``guided``, every ReLU's backward follows guided
+    backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable. A
+    wrapped module (``torch.compile``, ``DataParallel``) runs as its original module
+    (:func:`hooks.unwrap`).
     """
     inputs = as_inputs(x)
     check_model(model)
+    requested: list[str | None] = []
     if guided or layers:
-        check_module(model, "guided backprop" if guided else "a layer method")
-    assert isinstance(model, nn.Module) or not (guided or layers)
-    if guided and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):  # type: ignore[union-attr]
+        module = check_module(model, "guided backprop" if guided else "a layer method")
+        requested = [_layer_key(module, layer) for layer in layers]  # names with a wrapper's prefix too
+        model = module = hooks.unwrap(module)
+    if guided and any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
         raise TypeError(
             "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
             "Python); pass the eager nn.Module"
         )
-    requested = [None if layer is None else hooks.resolve_layer(model, layer)[0] for layer in layers]  # type: ignore[arg-type]
     named = [name for name in requested if name is not None]
     batch = inputs.batch
     with guarded(model, inputs.first, eval_mode=eval_mode):
@@ -88,9 +96,12 @@ def gradient_pass(
             hooks.guided_relus() if guided else nullcontext()
         )
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model) if None in requested else nullcontext([])  # type: ignore[arg-type]
+            hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
+            if None in requested else nullcontext([])
         )
-        recording = hooks.capture(model, named) if named else nullcontext(None)  # type: ignore[arg-type]
+        recording = (
+            hooks.capture(model, named, inputs=layer_input) if named else nullcontext(None)  # type: ignore[arg-type]
+        )
         with recording as rec, guide as report, auto as maps:
             # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
             logits = inputs.call(model, [leaf.clone() for leaf in leaves])
@@ -168,24 +179,26 @@ def shared_passes(
     target: Target = None,
     *,
     input_grad: bool = False,
-    layers: Sequence[LayerRef | None] = (),
+    layers: Sequence[LayerAddress | None] = (),
     guided: bool = False,
     eval_mode: bool = True,
     forward_args: object = None,
     forward_kwargs: Mapping[str, Any] | None = None,
+    layer_input: bool = False,
 ) -> list[Shared]:
     """Run each pass that is asked for once: the plain one (for ``input_grad`` and ``layers``) and the
     guided one (for ``guided``), both explaining the same target per example.
 
     ``x`` a tensor ``[B, ...]`` or a tuple of them; ``forward_args``/``forward_kwargs`` passed to the
     model after it (see :mod:`torchvis.core.inputs`). Returns one :class:`Shared` per requested layer,
-    in the order asked (one without a layer when ``layers`` is empty).
+    in the order asked (one without a layer when ``layers`` is empty). ``layer_input`` as in
+    :func:`gradient_pass`.
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
     plain = guided_result = None
     if input_grad or layers:
         plain = gradient_pass(model, inputs, target, layers=layers, input_grad=input_grad,
-                              eval_mode=eval_mode)
+                              eval_mode=eval_mode, layer_input=layer_input)
         target = plain.target
     if guided:
         guided_result = gradient_pass(model, inputs, target, input_grad=True, guided=True,
@@ -253,22 +266,24 @@ def activation_pass(
     x: InputLike | Inputs,
     target: Target = None,
     *,
-    layer: LayerRef | None,
+    layer: LayerAddress | None,
     eval_mode: bool = True,
+    layer_input: bool = False,
 ) -> ActivationPass:
     """One forward pass without gradients that records ``layer``'s output (for methods that only
-    read activations, such as Score-CAM). ``layer=None`` as in :func:`gradient_pass`. It also runs
-    under ``torch.inference_mode()``: the recorded outputs must be ordinary tensors, whose in-place
-    changes are tracked, so the pass itself runs outside it."""
+    read activations, such as Score-CAM). ``layer=None`` and ``layer_input`` as in
+    :func:`gradient_pass`. It also runs under ``torch.inference_mode()``: the recorded outputs must be
+    ordinary tensors, whose in-place changes are tracked, so the pass itself runs outside it."""
     inputs = as_inputs(x)
     model = check_module(model, "a layer method")
-    name = None if layer is None else hooks.resolve_layer(model, layer)[0]
+    name = _layer_key(model, layer)
+    model = hooks.unwrap(model)
     with guarded(model, inputs.first, eval_mode=eval_mode, grad=False), torch.inference_mode(False), \
             torch.no_grad():
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model) if name is None else nullcontext([])
+            hooks.feature_maps(model, inputs.first.dim()) if name is None else nullcontext([])
         )
-        with hooks.capture(model, [] if name is None else [name]) as rec, auto as maps:
+        with hooks.capture(model, [] if name is None else [name], inputs=layer_input) as rec, auto as maps:
             logits = inputs.call(model, [t.clone() for t in inputs.tensors])
         if name is None:
             chosen = pick_feature_layer(maps, grad=False)
@@ -279,6 +294,21 @@ def activation_pass(
         t = resolve_target(target, logits, inputs.batch)
         check_finite(logits if isinstance(logits, Tensor) else score_of(logits, t, inputs.batch))
     return ActivationPass(logits=logits, target=t, layer=name, activation=output)
+
+
+def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:
+    """The recording key of ``layer``; for ``None`` on a ViT the last block's ``ln_1`` (with a
+    warning), else ``None`` (the last spatial map, found during the pass)."""
+    if layer is not None:
+        return hooks.address(model, layer).key
+    vit = layouts.vit_layer(model)
+    if vit is not None:
+        warnings.warn(
+            f"layer=None: using {vit!r}, the last ViT block's normalised input (tokens [B,N,D], read as "
+            "a patch grid by reshape='auto'); the final encoder.ln sees only the class token's gradient",
+            stacklevel=5,
+        )
+    return vit
 
 
 def _grad(score: Tensor, wanted: list[Tensor]) -> tuple[Tensor, ...]:
@@ -314,16 +344,17 @@ def _warn_untreated(report: hooks.ActivationReport) -> None:
 
 
 def pick_feature_layer(maps: Sequence[hooks.ModuleOutput], *, grad: bool = True) -> hooks.ModuleOutput:
-    """The last module (in order of finishing) whose output is a spatial map ``[B,K,h,w]`` with
-    ``h*w > 1``, that ran once and whose output no later op changed in place — skipping dropout and
-    identity modules, which only pass their input on. For torchvision's ResNet this is ``layer4``.
-    With ``grad`` (a forward run with gradients on) the output must also depend on the input."""
+    """The last module (in order of finishing) whose output is a spatial map ``[B,K,h,w]`` (or
+    ``[B,K,*spatial]`` of the input's rank) with more than one position, that ran once and whose
+    output no later op changed in place — skipping dropout and identity modules, which only pass their
+    input on. For torchvision's ResNet this is ``layer4``. With ``grad`` (a forward run with gradients
+    on) the output must also depend on the input."""
     counts = Counter(seen.name for seen in maps)
     for seen in reversed(maps):
         if (
             counts[seen.name] == 1
             and not isinstance(seen.module, _PASS_THROUGH)
-            and seen.output.shape[-1] * seen.output.shape[-2] > 1
+            and math.prod(seen.output.shape[2:]) > 1
             and seen.output._version == seen.version
             and (seen.output.requires_grad or not grad)
         ):

@@ -1,8 +1,17 @@
 """Grad-CAM and guided Grad-CAM (Selvaraju et al., ICCV 2017).
 
 A CAM variant is a function of the layer's activation ``A`` and the target logit's gradient ``g``
-there (both ``[B,K,h,w]``) returning the unrectified heat ``[B,1,h,w]``; :func:`finish_cam`
+there (both ``[B,K,*spatial]``: ``[B,K,h,w]`` for a Conv2d layer, ``[B,K,L]`` for Conv1d,
+``[B,K,d,h,w]`` for Conv3d) returning the unrectified heat ``[B,1,*spatial]``; :func:`finish_cam`
 rectifies and upsamples it. Every variant at every layer reads the one shared forward+backward.
+
+The layer options every CAM takes: ``layer`` a dotted name or module, or one element of a tuple
+output as ``("encoder.lstm", 0)`` or ``"encoder.lstm[0]"``; ``layer_input=True`` takes the layer's
+(first, or ``index``-th) input instead of its output; ``reshape`` reads a layer that is not
+``[B,K,*spatial]`` (ViT tokens, channels-last maps; see :mod:`torchvis.core.layouts`); ``upsample``
+``True`` or ``"bilinear"`` (the natural interpolation for the rank: linear, bilinear, trilinear —
+``"bilinear"`` is accepted for every rank), ``"nearest"``, or ``None``/``False`` (the layer's size).
+Heat is computed from float32 copies of ``A`` and ``g`` when they are bf16/fp16 (mixed precision).
 """
 
 from __future__ import annotations
@@ -12,40 +21,71 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from torchvis.core.hooks import LayerRef
+from torchvis.core import layouts
+from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
 from torchvis.core.targets import Target
 from torchvis.methods.spec import Look, Need, register
 
+Upsample = bool | str | None
+
 
 def grad_cam_heat(activation: Tensor, grad: Tensor) -> Tensor:
     """Grad-CAM's heat before the ReLU: channel weights = the spatial mean of the gradient, map = the
-    weighted channel sum. ``[B,K,h,w]`` x2 -> ``[B,1,h,w]``."""
-    weights = grad.mean(dim=(2, 3), keepdim=True)
+    weighted channel sum. ``[B,K,*spatial]`` x2 -> ``[B,1,*spatial]``."""
+    weights = grad.mean(dim=tuple(range(2, grad.dim())), keepdim=True)
     return (weights * activation).sum(dim=1, keepdim=True)
 
 
 def cam(activation: Tensor, grad: Tensor, *, relu: bool = True) -> Tensor:
-    """Grad-CAM from a layer's activation and the score's gradient there, both ``[B,K,h,w]``.
+    """Grad-CAM from a layer's activation and the score's gradient there, both ``[B,K,*spatial]``.
 
-    Returns ``[B,1,h,w]``, rectified unless ``relu=False``.
+    Returns ``[B,1,*spatial]``, rectified unless ``relu=False``; float32 at least (see
+    :func:`accumulate`).
     """
     check_feature_map(activation)
-    heat = grad_cam_heat(activation, grad)
+    heat = grad_cam_heat(accumulate(activation), accumulate(grad))
     return heat.clamp_min(0) if relu else heat
 
 
-def check_feature_map(activation: Tensor, method: str = "Grad-CAM") -> None:
-    """``activation`` must be a feature map ``[B,K,h,w]``: a CAM of ``method`` needs a spatial layer."""
-    if activation.dim() != 4:
+def accumulate(t: Tensor) -> Tensor:
+    """``t`` in float32 if it is in a narrower floating type (bf16, fp16); ``t`` itself otherwise."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def check_feature_map(
+    activation: Tensor, method: str = "Grad-CAM", layer: str | None = None, x: Tensor | None = None
+) -> None:
+    """``activation`` must be a feature map ``[B,K,*spatial]`` with at least one spatial dimension — as
+    many as the input ``x`` has, when given: a CAM of ``method`` needs a spatial layer."""
+    at = f" from layer {layer!r}" if layer else ""
+    if activation.dim() < 3:
         raise ValueError(
             f"{method} needs a layer whose output is a feature map [B,K,h,w]; got shape "
-            f"{list(activation.shape)}"
+            f"{list(activation.shape)}{at}, without spatial dimensions (any [B,K,*spatial] will do: "
+            "[B,K,L] from a Conv1d, [B,K,d,h,w] from a Conv3d)"
         )
+    if x is not None and activation.dim() != x.dim():
+        raise ValueError(
+            f"{method} needs a layer whose output is a feature map with the input's {x.dim() - 2} spatial "
+            f"dimension(s), [B,K,*spatial]; got shape {list(activation.shape)}{at} for an input of shape "
+            f"{list(x.shape)}. Tokens [B,N,D] or a channels-last map? pass reshape='auto' or a callable"
+        )
+
+
+def layer_maps(shared: Shared, reshape: layouts.Reshape) -> tuple[Tensor, Tensor]:
+    """The shared pass's activation and gradient at its layer, read as ``[B,K,*spatial]`` through
+    ``reshape`` (see :mod:`torchvis.core.layouts`)."""
+    assert shared.activation is not None and shared.grad is not None
+    layer = shared.layer or "the layer"
+    spatial = tuple(shared.x.shape[2:])
+    return (layouts.to_feature_map(shared.activation, reshape, spatial, layer),
+            layouts.to_feature_map(shared.grad, reshape, spatial, layer))
 
 
 class EmptyMapWarning(UserWarning):
@@ -82,47 +122,96 @@ def _first_caller_outside_torchvis() -> int:
     return level
 
 
-def upsample_to(heat: Tensor, x: Tensor) -> Tensor:
-    """Bilinear (``align_corners=False``) resize of ``[B,1,h,w]`` to ``x``'s ``H, W``."""
-    if heat.shape[-2:] == x.shape[-2:]:
+def interpolation(upsample: Upsample, rank: int) -> str | None:
+    """The ``F.interpolate`` mode for ``upsample`` (see the module doc) on ``rank`` spatial
+    dimensions; ``None`` for no upsampling."""
+    if upsample is None or upsample is False:
+        return None
+    if upsample is True or upsample == "bilinear":
+        if not 1 <= rank <= 3:
+            raise ValueError(f"no linear interpolation for {rank} spatial dimensions; use upsample='nearest'")
+        return ("linear", "bilinear", "trilinear")[rank - 1]
+    if upsample == "nearest":
+        return "nearest"
+    raise ValueError(f"upsample must be True, 'bilinear', 'nearest', None or False; got {upsample!r}")
+
+
+def upsample_to(heat: Tensor, x: Tensor, upsample: Upsample = True) -> Tensor:
+    """Resize ``[B,1,*spatial]`` to ``x``'s spatial shape ``x.shape[2:]`` (see :func:`interpolation`;
+    linear modes with ``align_corners=False``)."""
+    size = tuple(x.shape[2:])
+    if heat.dim() != x.dim():
+        raise ValueError(
+            f"a map of shape {list(heat.shape)} cannot be upsampled to an input of shape {list(x.shape)} "
+            "(different numbers of spatial dimensions); pass upsample=None or a reshape"
+        )
+    mode = interpolation(upsample, len(size))
+    if tuple(heat.shape[2:]) == size or mode is None:
         return heat
-    return F.interpolate(heat, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    if mode == "nearest":
+        return F.interpolate(heat, size=size, mode=mode)
+    return F.interpolate(heat, size=size, mode=mode, align_corners=False)
 
 
-def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: bool) -> Tensor:
-    """Rectify (unless ``relu=False``) a CAM heat ``[B,1,h,w]`` and bring it to ``x``'s dtype and, if
-    ``upsample``, to its size: ``[B,1,H,W]`` or ``[B,1,h,w]``."""
+def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: Upsample) -> Tensor:
+    """Rectify (unless ``relu=False``) a CAM heat ``[B,1,*spatial]`` and bring it to ``x``'s dtype and,
+    unless ``upsample`` is ``None``/``False``, to its spatial shape."""
+    interpolation(upsample, x.dim() - 2)  # a bad value fails even where no resize is needed
     heat = (heat.clamp_min(0) if relu else heat).to(x.dtype)
-    return upsample_to(heat, x) if upsample else heat
+    return upsample_to(heat, x, upsample)
 
 
 def cam_map(
-    activation: Tensor, grad: Tensor, x: Tensor, *, relu: bool, upsample: bool, layer_name: str = "the layer"
+    activation: Tensor, grad: Tensor, x: Tensor, *, relu: bool, upsample: Upsample,
+    layer_name: str = "the layer",
 ) -> Tensor:
-    """:func:`cam` in ``x``'s dtype, at ``x``'s size if ``upsample``: ``[B,1,H,W]`` or ``[B,1,h,w]``.
-    Warns (:class:`EmptyMapWarning`) when the map is exactly zero for some examples."""
-    check_feature_map(activation)
-    heat = grad_cam_heat(activation, grad)
+    """:func:`cam` in ``x``'s dtype, at ``x``'s size unless not ``upsample``: ``[B,1,*x.shape[2:]]`` or
+    the layer's. Warns (:class:`EmptyMapWarning`) when the map is exactly zero for some examples."""
+    check_feature_map(activation, layer=layer_name, x=x)
+    heat = grad_cam_heat(accumulate(activation), accumulate(grad))
     warn_if_empty(heat.clamp_min(0) if relu else heat, activation, layer_name)
     return finish_cam(heat, x, relu=relu, upsample=upsample)
 
 
-def grad_cam_from(shared: Shared, *, relu: bool = True, upsample: bool = True) -> Tensor:
-    """:func:`grad_cam` from the shared plain pass at one layer."""
-    assert shared.activation is not None and shared.grad is not None
-    return cam_map(shared.activation, shared.grad, shared.x, relu=relu, upsample=upsample,
+def grad_cam_from(
+    shared: Shared, *, relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None,
+    layer_input: bool = False,
+) -> Tensor:
+    """:func:`grad_cam` from the shared plain pass at one layer (``layer_input`` was the pass's)."""
+    activation, grad = layer_maps(shared, reshape)
+    return cam_map(activation, grad, shared.x, relu=relu, upsample=upsample,
                    layer_name=shared.layer or "the layer")
 
 
-def guided_cam(guided_grad: Tensor, activation: Tensor, grad: Tensor, x: Tensor) -> Tensor:
-    """Guided Grad-CAM: the guided-backprop gradient ``[B,C,H,W]`` times the upsampled CAM."""
-    return (guided_grad * upsample_to(cam(activation, grad), x)).to(x.dtype)
+def guided_cam(
+    guided_grad: Tensor, activation: Tensor, grad: Tensor, x: Tensor, upsample: Upsample = True
+) -> Tensor:
+    """Guided Grad-CAM: the guided-backprop gradient (shape of ``x``) times the CAM upsampled to ``x``."""
+    if interpolation(upsample, x.dim() - 2) is None:
+        raise ValueError("guided Grad-CAM multiplies by the CAM at the input's size; upsample cannot be None")
+    return (guided_grad * upsample_to(cam(activation, grad), x, upsample)).to(x.dtype)
 
 
-def guided_grad_cam_from(shared: Shared) -> Tensor:
+def guided_grad_cam_from(
+    shared: Shared, *, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False
+) -> Tensor:
     """:func:`guided_grad_cam` from the shared plain pass (at one layer) and guided pass."""
-    assert shared.guided_grad is not None and shared.activation is not None and shared.grad is not None
-    return guided_cam(shared.guided_grad, shared.activation, shared.grad, shared.x)
+    assert shared.guided_grad is not None
+    activation, grad = layer_maps(shared, reshape)
+    check_feature_map(activation, "Grad-CAM", shared.layer, shared.x)
+    return guided_cam(shared.guided_grad, activation, grad, shared.x, upsample)
+
+
+def default_reshape(
+    model: Model, layer: LayerAddress | None, reshape: layouts.Reshape
+) -> layouts.Reshape:
+    """``reshape`` for a method on ``model``: ``"auto"`` bound to the model's patch size, and
+    ``"auto"`` where ``layer=None`` picks a ViT block (tokens are no ``[B,K,L]`` map)."""
+    if not isinstance(model, nn.Module):  # refused by the pass: a layer method needs a module
+        return reshape
+    if reshape is None and layer is None and layouts.vit_layer(model) is not None:
+        reshape = "auto"
+    return layouts.bind(reshape, model)
 
 
 def grad_cam(
@@ -130,26 +219,30 @@ def grad_cam(
     x: InputLike,
     target: Target = None,
     *,
-    layer: LayerRef | None = None,
+    layer: LayerAddress | None = None,
     relu: bool = True,
-    upsample: bool = True,
+    upsample: Upsample = True,
+    reshape: layouts.Reshape = None,
+    layer_input: bool = False,
     eval_mode: bool = True,
     forward_args: Any = None,
     forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """Grad-CAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]``, the layer's size, if not ``upsample``).
+    """Grad-CAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
     Selvaraju et al., "Grad-CAM: Visual Explanations from Deep Networks via Gradient-based
     Localization", ICCV 2017. ``layer=None`` takes the last module whose output is still a spatial
-    feature map (``layer4`` for torchvision's ResNet) and warns which. Grad-CAM wants a rectified map:
-    the output of a ReLU (or a pooling after it), not the convolution before it. The backward pass
-    stops at the layer. ``x`` may be a tuple of inputs: the map is drawn over the first (upsampled to
-    its size); ``forward_args``/``forward_kwargs`` go to the model (see :mod:`torchvis.core.inputs`).
-    Needs an ``nn.Module`` (it reads the layer through hooks).
+    feature map (``layer4`` for torchvision's ResNet; a ViT's last block's ``ln_1``, read with
+    ``reshape="auto"``) and warns which. Grad-CAM wants a rectified map: the output of a ReLU (or a
+    pooling after it), not the convolution before it. The backward pass stops at the layer.
+    ``layer``, ``layer_input``, ``reshape`` and ``upsample`` as in :mod:`torchvis.methods.cam`. ``x``
+    may be a tuple of inputs: the map is drawn over the first (upsampled to its size);
+    ``forward_args``/``forward_kwargs`` go to the model (see :mod:`torchvis.core.inputs`). Needs an
+    ``nn.Module`` (it reads the layer through hooks).
     """
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode,
+    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input,
                               forward_args=forward_args, forward_kwargs=forward_kwargs)
-    return grad_cam_from(shared, relu=relu, upsample=upsample)
+    return grad_cam_from(shared, relu=relu, upsample=upsample, reshape=default_reshape(model, layer, reshape))
 
 
 def guided_grad_cam(
@@ -157,7 +250,10 @@ def guided_grad_cam(
     x: InputLike,
     target: Target = None,
     *,
-    layer: LayerRef | None = None,
+    layer: LayerAddress | None = None,
+    upsample: Upsample = True,
+    reshape: layouts.Reshape = None,
+    layer_input: bool = False,
     eval_mode: bool = True,
     forward_args: Any = None,
     forward_kwargs: Mapping[str, Any] | None = None,
@@ -166,11 +262,13 @@ def guided_grad_cam(
     first input when ``x`` is a tuple: the CAM is drawn over it).
 
     Selvaraju et al., ICCV 2017, section 3.2. Two passes: one plain (for the CAM), one guided; both
-    explain the same class (the first pass resolves ``target``). ``layer=None`` as in :func:`grad_cam`.
+    explain the same class (the first pass resolves ``target``). ``layer=None`` as in :func:`grad_cam`;
+    ``upsample`` ``True``/``"bilinear"`` or ``"nearest"`` (Captum's default for ``GuidedGradCam``).
     """
     (shared,) = shared_passes(model, x, target, layers=[layer], guided=True, eval_mode=eval_mode,
-                              forward_args=forward_args, forward_kwargs=forward_kwargs)
-    return guided_grad_cam_from(shared)
+                              layer_input=layer_input, forward_args=forward_args,
+                              forward_kwargs=forward_kwargs)
+    return guided_grad_cam_from(shared, upsample=upsample, reshape=default_reshape(model, layer, reshape))
 
 
 register("grad_cam", grad_cam, needs=Need.LAYER_GRADIENT, from_pass=grad_cam_from, look=Look.HEAT_OVERLAY,

@@ -2,7 +2,7 @@
 into a map.
 
 Each variant is a heat function of the layer's activation ``A`` and the target logit's gradient
-``g`` there (both ``[B,K,h,w]``) returning the unrectified heat ``[B,1,h,w]``, like
+``g`` there (both ``[B,K,*spatial]``) returning the unrectified heat ``[B,1,*spatial]``, like
 :func:`torchvis.methods.cam.grad_cam_heat`; :func:`torchvis.methods.cam.finish_cam` rectifies and
 upsamples it. All of them read the shared forward+backward, so :func:`torchvis.explain` computes
 every variant at every layer from the one pass it runs for saliency and Grad-CAM.
@@ -16,11 +16,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchvis.core.hooks import LayerRef
+from torchvis.core import layouts
+from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
 from torchvis.core.targets import Target
-from torchvis.methods.cam import check_feature_map, finish_cam, warn_if_empty
+from torchvis.methods.cam import (
+    Upsample,
+    accumulate,
+    check_feature_map,
+    default_reshape,
+    finish_cam,
+    layer_maps,
+    warn_if_empty,
+)
 from torchvis.methods.spec import Look, Need, register
 
 Heat = Callable[[Tensor, Tensor], Tensor]
@@ -66,108 +75,124 @@ _TITLES: dict[Heat, str] = {
 }
 
 
-def _variant_from(heat: Heat, shared: Shared, relu: bool, upsample: bool) -> Tensor:
-    assert shared.activation is not None and shared.grad is not None
-    check_feature_map(shared.activation, _TITLES[heat])
-    value = heat(shared.activation, shared.grad)
-    warn_if_empty(value.clamp_min(0) if relu else value, shared.activation, shared.layer or "the layer")
+def _variant_from(
+    heat: Heat, shared: Shared, relu: bool, upsample: Upsample, reshape: layouts.Reshape
+) -> Tensor:
+    activation, grad = layer_maps(shared, reshape)
+    layer = shared.layer or "the layer"
+    check_feature_map(activation, _TITLES[heat], layer, shared.x)
+    value = heat(accumulate(activation), accumulate(grad))
+    warn_if_empty(value.clamp_min(0) if relu else value, activation, layer)
     return finish_cam(value, shared.x, relu=relu, upsample=upsample)
 
 
 def _variant(
-    heat: Heat, model: Model, x: InputLike, target: Target, layer: LayerRef | None, relu: bool,
-    upsample: bool, eval_mode: bool, forward_args: Any, forward_kwargs: Mapping[str, Any] | None,
+    heat: Heat, model: Model, x: InputLike, target: Target, layer: LayerAddress | None, relu: bool,
+    upsample: Upsample, reshape: layouts.Reshape, layer_input: bool, eval_mode: bool, forward_args: Any,
+    forward_kwargs: Mapping[str, Any] | None,
 ) -> Tensor:
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode,
+    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input,
                               forward_args=forward_args, forward_kwargs=forward_kwargs)
-    return _variant_from(heat, shared, relu, upsample)
+    return _variant_from(heat, shared, relu, upsample, default_reshape(model, layer, reshape))
 
 
-def grad_cam_pp_from(shared: Shared, *, relu: bool = True, upsample: bool = True) -> Tensor:
+def grad_cam_pp_from(
+    shared: Shared, *, relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None,
+    layer_input: bool = False,
+) -> Tensor:
     """:func:`grad_cam_pp` from the shared plain pass at one layer."""
-    return _variant_from(grad_cam_pp_heat, shared, relu, upsample)
+    return _variant_from(grad_cam_pp_heat, shared, relu, upsample, reshape)
 
 
-def xgrad_cam_from(shared: Shared, *, relu: bool = True, upsample: bool = True) -> Tensor:
+def xgrad_cam_from(
+    shared: Shared, *, relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None,
+    layer_input: bool = False,
+) -> Tensor:
     """:func:`xgrad_cam` from the shared plain pass at one layer."""
-    return _variant_from(xgrad_cam_heat, shared, relu, upsample)
+    return _variant_from(xgrad_cam_heat, shared, relu, upsample, reshape)
 
 
-def layer_cam_from(shared: Shared, *, relu: bool = True, upsample: bool = True) -> Tensor:
+def layer_cam_from(
+    shared: Shared, *, relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None,
+    layer_input: bool = False,
+) -> Tensor:
     """:func:`layer_cam` from the shared plain pass at one layer."""
-    return _variant_from(layer_cam_heat, shared, relu, upsample)
+    return _variant_from(layer_cam_heat, shared, relu, upsample, reshape)
 
 
-def hires_cam_from(shared: Shared, *, relu: bool = True, upsample: bool = True) -> Tensor:
+def hires_cam_from(
+    shared: Shared, *, relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None,
+    layer_input: bool = False,
+) -> Tensor:
     """:func:`hires_cam` from the shared plain pass at one layer."""
-    return _variant_from(hires_cam_heat, shared, relu, upsample)
+    return _variant_from(hires_cam_heat, shared, relu, upsample, reshape)
 
 
 def grad_cam_pp(
-    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
-    forward_kwargs: Mapping[str, Any] | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
+    relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """Grad-CAM++ at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
+    """Grad-CAM++ at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
     Chattopadhyay, Sarkar, Howlader & Balasubramanian, "Grad-CAM++: Generalized Gradient-based
     Visual Explanations for Deep Convolutional Networks", WACV 2018, Eq. 19 (the exponential form):
     ``alpha_ij = g_ij^2 / (2 g_ij^2 + sum_ab A_ab g_ij^3)``, 0 where that denominator is 0;
     ``w_k = sum_ij alpha_ij ReLU(g_ij)``; map ``ReLU(sum_k w_k A_k)``. torchcam 0.5 divides alpha on a
     copy (boolean indexing copies), so its alpha stays ``g^2``, and sums ``A * g^3`` instead of
-    ``sum A * g^3``. ``layer``, ``relu``, ``upsample``, a tuple ``x`` and ``forward_args`` as in
-    :func:`torchvis.grad_cam`.
+    ``sum A * g^3``. ``layer``, ``relu``, ``upsample``, ``reshape``, ``layer_input`` as in
+    :func:`torchvis.grad_cam` (also a tuple ``x``, ``forward_args``).
     """
-    return _variant(grad_cam_pp_heat, model, x, target, layer, relu, upsample, eval_mode,
-                    forward_args, forward_kwargs)
+    return _variant(grad_cam_pp_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
+                    eval_mode, forward_args, forward_kwargs)
 
 
 def xgrad_cam(
-    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
-    forward_kwargs: Mapping[str, Any] | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
+    relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """XGrad-CAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
+    """XGrad-CAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
     Fu, Hu, Dong, Zhou, Huang & Zhang, "Axiom-based Grad-CAM: Towards Accurate Visualization and
     Explanation of CNNs", BMVC 2020: ``w_k = sum_ij (A_ij / sum_ab A_ab) g_ij`` (0 for a channel whose
-    activations sum to 0); map ``ReLU(sum_k w_k A_k)``. ``layer``, ``relu``, ``upsample``, a tuple
-    ``x`` and ``forward_args`` as in :func:`torchvis.grad_cam`.
+    activations sum to 0); map ``ReLU(sum_k w_k A_k)``. ``layer``, ``relu``, ``upsample`` as in
+    :func:`torchvis.grad_cam` (also ``reshape``, ``layer_input``).
     """
-    return _variant(xgrad_cam_heat, model, x, target, layer, relu, upsample, eval_mode,
-                    forward_args, forward_kwargs)
+    return _variant(xgrad_cam_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
+                    eval_mode, forward_args, forward_kwargs)
 
 
 def layer_cam(
-    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
-    forward_kwargs: Mapping[str, Any] | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
+    relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """LayerCAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
+    """LayerCAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
     Jiang, Zhang, Hou, Cheng & Wei, "LayerCAM: Exploring Hierarchical Class Activation Maps for
     Localization", IEEE TIP 2021: every position weighs each channel by its own positive gradient,
-    map ``ReLU(sum_k ReLU(g_k) * A_k)``. ``layer``, ``relu``, ``upsample``, a tuple ``x`` and
-    ``forward_args`` as in :func:`torchvis.grad_cam`.
+    map ``ReLU(sum_k ReLU(g_k) * A_k)``. ``layer``, ``relu``, ``upsample``, ``reshape``,
+    ``layer_input`` as in :func:`torchvis.grad_cam`.
     """
-    return _variant(layer_cam_heat, model, x, target, layer, relu, upsample, eval_mode,
-                    forward_args, forward_kwargs)
+    return _variant(layer_cam_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
+                    eval_mode, forward_args, forward_kwargs)
 
 
 def hires_cam(
-    model: Model, x: InputLike, target: Target = None, *, layer: LayerRef | None = None, relu: bool = True,
-    upsample: bool = True, eval_mode: bool = True, forward_args: Any = None,
-    forward_kwargs: Mapping[str, Any] | None = None,
+    model: Model, x: InputLike, target: Target = None, *, layer: LayerAddress | None = None,
+    relu: bool = True, upsample: Upsample = True, reshape: layouts.Reshape = None, layer_input: bool = False,
+    eval_mode: bool = True, forward_args: Any = None, forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """HiResCAM at ``layer``. Returns ``[B,1,H,W]`` (``[B,1,h,w]`` if not ``upsample``).
+    """HiResCAM at ``layer``. Returns ``[B,1,*x.shape[2:]]`` (the layer's size if ``upsample=None``).
 
     Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of convolutional
     neural networks", arXiv:2011.08891, 2020: the gradient times the activation, summed over channels
-    per position, map ``ReLU(sum_k g_k * A_k)``. ``layer``, ``relu``, ``upsample``, a tuple ``x``
-    and ``forward_args`` as in :func:`torchvis.grad_cam`.
+    per position, map ``ReLU(sum_k g_k * A_k)``. ``layer``, ``relu``, ``upsample`` as in
+    :func:`torchvis.grad_cam` (also ``reshape``, ``layer_input``).
     """
-    return _variant(hires_cam_heat, model, x, target, layer, relu, upsample, eval_mode,
-                    forward_args, forward_kwargs)
+    return _variant(hires_cam_heat, model, x, target, layer, relu, upsample, reshape, layer_input,
+                    eval_mode, forward_args, forward_kwargs)
 
 
 register("grad_cam_pp", grad_cam_pp, needs=Need.LAYER_GRADIENT, from_pass=grad_cam_pp_from,

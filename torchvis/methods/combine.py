@@ -7,14 +7,15 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from torchvis.core.hooks import LayerRef, resolve_layer
+from torchvis.core.hooks import LayerAddress, address
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
+from torchvis.methods.cam import default_reshape
 from torchvis.methods.spec import MethodSpec, Need, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
-Layers = LayerRef | None | Sequence[LayerRef | None]
+Layers = LayerAddress | None | Sequence[LayerAddress | None]
 
 
 class Explained(NamedTuple):
@@ -46,7 +47,9 @@ def explain(
     A method that takes a layer — registered or a plain function whose signature names ``layer`` —
     gets each requested layer; with a list of layers its keys are ``"<method>/<layer>"``, else
     ``"<method>"``. ``options`` go to the methods whose signature names them (``abs``, ``relu``,
-    ``upsample``, ``window``, ...); an option no method takes is an error. ``x`` may be a tuple of
+    ``upsample``, ``window``, ``reshape``, ``layer_input``, ...); an option no method takes is an
+    error. A layer may be one element of a tuple output: ``("encoder.lstm", 0)`` or
+    ``"encoder.lstm[0]"`` (a list of layers is a list, never a tuple). ``x`` may be a tuple of
     inputs (each method then returns a tuple of maps, one per input, where its spec says so);
     ``forward_args``/``forward_kwargs`` go to the model with every call (see
     :mod:`torchvis.core.inputs`).
@@ -78,8 +81,8 @@ def explain_batch(
         refused = [key for key in extra if not spec.shared and key not in spec.parameters]
         if refused:
             raise TypeError(f"method {spec.name!r} takes no {' or '.join(refused)}; it cannot run this model")
-    many = isinstance(layer, (list, tuple))
-    layers: list[LayerRef | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
+    many = isinstance(layer, list) or (isinstance(layer, tuple) and not _indexed(layer))
+    layers: list[LayerAddress | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
 
     shared_specs = [spec for spec in specs if spec.shared]
@@ -92,15 +95,19 @@ def explain_batch(
             layers=layers if any(spec.takes_layer for spec in shared_specs) else [],
             guided=any(Need.GUIDED in spec.needs for spec in shared_specs),
             eval_mode=eval_mode,
+            layer_input=bool(options.get("layer_input", False)),
         )
         target, logits = passes[0].target, passes[0].logits
         if passes[0].layer is not None:
             names = [shared.layer for shared in passes]  # type: ignore[misc]
         for spec in shared_specs:
             assert spec.from_pass is not None
-            for shared in passes if spec.takes_layer else passes[:1]:
+            for ref, shared in zip(layers, passes, strict=True) if spec.takes_layer else [(None, passes[0])]:
                 key = layer_key(spec.name, shared.layer, many) if spec.takes_layer else spec.name
-                results[key] = spec.from_pass(shared, **routed[spec.name])
+                kwargs = dict(routed[spec.name])
+                if "reshape" in spec.options:
+                    kwargs["reshape"] = default_reshape(model, ref, kwargs.get("reshape"))
+                results[key] = spec.from_pass(shared, **kwargs)
 
     for spec in specs:
         if spec.shared:
@@ -148,5 +155,10 @@ def layer_key(method: str, layer: str | None, many: bool) -> str:
     return f"{method}/{layer}" if many else method
 
 
-def _layer_name(model: Model, layer: LayerRef | None) -> str:
-    return "auto" if layer is None else resolve_layer(check_module(model, "a layer method"), layer)[0]
+def _layer_name(model: Model, layer: LayerAddress | None) -> str:
+    return "auto" if layer is None else address(check_module(model, "a layer method"), layer).key
+
+
+def _indexed(layer: tuple[object, ...]) -> bool:
+    """``(layer, index)``: one layer's tuple element, not a tuple of layers."""
+    return len(layer) == 2 and isinstance(layer[1], int) and not isinstance(layer[1], bool)

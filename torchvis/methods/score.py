@@ -11,20 +11,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torchvis.core import hooks, layouts
 from torchvis.core.forward import guarded
-from torchvis.core.hooks import LayerRef
-from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs
+from torchvis.core.hooks import LayerAddress
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_module
 from torchvis.core.passes import activation_pass
 from torchvis.core.targets import Resolved, Target, score_of, take_target
-from torchvis.methods.cam import check_feature_map, upsample_to
+from torchvis.methods.cam import check_feature_map, default_reshape, interpolation, upsample_to
 from torchvis.methods.perturbation import default_batch_size
 from torchvis.methods.spec import Look, Need, register
 
 
 def channel_masks(activation: Tensor, size: tuple[int, ...]) -> Tensor:
-    """Channels ``[N,h,w]`` upsampled bilinearly to ``size`` and min-max normalised to [0, 1] each:
-    ``[N,1,H,W]`` (a channel whose upsampled map is constant gives 0)."""
-    up = F.interpolate(activation[:, None], size=size, mode="bilinear", align_corners=False)
+    """Channels ``[N,*spatial]`` upsampled (bilinearly for ``[N,h,w]``; linearly, trilinearly for other
+    ranks) to ``size`` and min-max normalised to [0, 1] each: ``[N,1,*size]`` (a channel whose
+    upsampled map is constant gives 0)."""
+    mode = interpolation(True, len(size)) or "bilinear"
+    up = F.interpolate(activation[:, None], size=size, mode=mode, align_corners=False)
     dims = tuple(range(2, up.dim()))
     low, high = up.amin(dim=dims, keepdim=True), up.amax(dim=dims, keepdim=True)
     span = high - low
@@ -68,13 +71,16 @@ def score_cam(
     x: InputLike,
     target: Target = None,
     *,
-    layer: LayerRef | None = None,
+    layer: LayerAddress | None = None,
     batch_size: int | None = None,
+    reshape: layouts.Reshape = None,
+    layer_input: bool = False,
     eval_mode: bool = True,
     forward_args: Any = None,
     forward_kwargs: Mapping[str, Any] | None = None,
 ) -> Tensor:
-    """Score-CAM at ``layer``. Returns ``[B,1,H,W]``, drawn over the first input when ``x`` is a tuple.
+    """Score-CAM at ``layer``. Returns ``[B,1,*x.shape[2:]]``, drawn over the first input when ``x`` is a
+    tuple.
 
     Wang, Wang, Du, Yang, Zhang, Ding, Mardziel & Hu, "Score-CAM: Score-Weighted Visual Explanations
     for Convolutional Neural Networks", CVPR-W 2020, as the authors' code computes it: ``H_k`` is
@@ -88,7 +94,8 @@ def score_cam(
     Peers differ: pytorch-grad-cam (1.5) upsamples with ``align_corners=True``, weighs channels by the
     softmax *over channels* of the raw target logits, and reads each score with ``.item()``; torchcam
     (0.5) normalises the channels before upsampling, and takes the softmax over channels of the logit
-    minus the clean input's logit. ``layer=None`` as in :func:`torchvis.grad_cam`.
+    minus the clean input's logit. ``layer=None``, ``reshape``, ``layer_input`` as in
+    :func:`torchvis.grad_cam`.
 
     Inputs: with a tuple ``x`` the masks apply to the first input (upsampled to its size), the other
     inputs are passed as they are; ``forward_args``/``forward_kwargs`` go to the model, their
@@ -98,18 +105,23 @@ def score_cam(
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
     x = inputs.first
+    bad_size = isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    if batch_size is not None and bad_size:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    probe = activation_pass(model, inputs, target, layer=layer, eval_mode=eval_mode, layer_input=layer_input)
+    # The masked passes too run the module the probe hooked (activation_pass refused anything else).
+    model = hooks.unwrap(check_module(model, "Score-CAM"))
     if batch_size is None:
         batch_size = default_batch_size(inputs.tensors)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-    probe = activation_pass(model, inputs, target, layer=layer, eval_mode=eval_mode)
-    activation = probe.activation
-    check_feature_map(activation, "Score-CAM")
+    spatial = tuple(x.shape[2:])
+    reading = default_reshape(model, layer, reshape)
+    activation = layouts.to_feature_map(probe.activation, reading, spatial, probe.layer)
+    check_feature_map(activation, "Score-CAM", probe.layer, x)
     scores = channel_scores(model, inputs, activation, probe.target, batch_size=batch_size,
                             eval_mode=eval_mode)
     if torch.isnan(scores).any():
         raise ValueError("the model output contains NaN for a masked input; Score-CAM cannot weigh channels")
-    heat = (scores[:, :, None, None] * activation).sum(dim=1, keepdim=True)
+    heat = (scores.reshape(*scores.shape, *[1] * len(spatial)) * activation).sum(dim=1, keepdim=True)
     # Bilinear upsampling is linear: the sum of the upsampled channels is the upsampled sum.
     cam = upsample_to(heat, x).clamp_min(0).to(x.dtype)
     empty = (scores == 0).all(dim=1)

@@ -53,22 +53,22 @@ class SanityResult:
     ``stages[i]`` names the layer re-initialised at stage ``i + 1`` (every earlier one stays
     re-initialised); ``maps[method][0]`` is the original map ``[B,C|1,H,W]`` and ``maps[method][i]``
     the map after stage ``i`` (for a tuple ``x``, what the method returns: a tuple of maps, one per
-    input, or one map over the first input); ``images`` and ``target`` are the explained inputs (the
-    first input of a tuple) and classes (CPU; a callable target is kept as it is).
+    input, or one map over the first input); ``images`` and ``target`` are the explained inputs (a
+    tuple for a tuple ``x``) and classes (CPU; a callable target is kept as it is).
     """
 
     methods: tuple[str, ...]
     stages: tuple[str, ...]
     rows: tuple[SanityRow, ...]
     maps: dict[str, tuple[Any, ...]] = field(repr=False)
-    images: Tensor = field(repr=False)
+    images: Tensor | tuple[Tensor, ...] = field(repr=False)
     target: Resolved = field(repr=False)
 
     def row(self, method: str, stage: str, input: int | None = None) -> SanityRow:
         """The row of ``method`` after re-initialising down to ``stage`` (for ``input`` of a tuple ``x``;
-        ``None``: its first row)."""
+        ``None``: its first row; a row without an input serves every input)."""
         for row in self.rows:
-            if row.method == method and row.stage == stage and input in (None, row.input):
+            if row.method == method and row.stage == stage and (input is None or row.input in (None, input)):
                 return row
         raise KeyError(f"no row for method {method!r} at stage {stage!r}" + (
             "" if input is None else f" for input {input}"))
@@ -175,7 +175,7 @@ def sanity_check(
     return SanityResult(
         methods=tuple(maps), stages=tuple(names), rows=rows,
         maps={key: tuple(_cpu(m) for m in ms) for key, ms in maps.items()},
-        images=inputs.first.detach().cpu().clone(),
+        images=inputs.pack([t.detach().cpu().clone() for t in inputs.tensors]),
         target=t if is_function(t) else t.cpu(),  # type: ignore[union-attr]
     )
 

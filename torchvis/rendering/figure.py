@@ -14,7 +14,9 @@ that lower it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.axes import Axes
@@ -26,8 +28,9 @@ from torch import Tensor
 
 from torchvis.methods.spec import SPECS, Look
 from torchvis.rendering import image as im
+from torchvis.rendering import kinds, plots
 
-__all__ = ["explanation_figure", "figure_rgb", "panel_boxes", "render_map", "title_of"]
+__all__ = ["explanation_figure", "figure_rgb", "panel_boxes", "render_map", "target_name", "title_of"]
 
 SIGNED_LEGEND = "blue lowers, red raises\nthe class score"
 HEAT_LEGEND = "importance for the class"
@@ -59,38 +62,65 @@ def _render(method: str, attr: Tensor, images: Tensor) -> Tensor:
     return im.render_map(attr.detach().float().cpu(), images.detach().float().cpu(), im.look_of(method))
 
 
-def _legend(method: str, attr: Tensor | str) -> str | None:
+def target_name(target: Callable[..., Any]) -> str:
+    """A callable target's name for labels: for torchvis's ready-made score functions the helper that
+    made them (``class_logit``), else a function's (or a partial's function's) name, else its type."""
+    inner = getattr(target, "func", target)  # functools.partial
+    qualified = str(getattr(inner, "__qualname__", ""))
+    if getattr(inner, "__module__", None) == _HELPERS and ".<locals>." in qualified:
+        return qualified.split(".<locals>.")[0]
+    return str(getattr(inner, "__name__", type(inner).__name__))
+
+
+_HELPERS = "torchvis.core.targets"  # where class_logit, class_in_region and output_tensor live
+
+
+def _legend(method: str, attr: Tensor | tuple[Tensor, ...] | str) -> str | None:
     """Which colour bar goes under a column: "signed", "heat" or None (text, or RGB kept)."""
     if isinstance(attr, str):
         return None
     look = im.look_of(method)
     if look is Look.HEAT_OVERLAY:
         return "heat"
-    if look is Look.RGB and attr.shape[1] == 3:
+    first = attr if isinstance(attr, Tensor) else attr[0]
+    if look is Look.RGB and first.dim() == 4 and first.shape[1] == 3:
         return None
     return "signed"
 
 
-def _check(images: Tensor, maps: Mapping[str, Tensor | str], row_labels: Sequence[str] | None) -> None:
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be [B,C,H,W] with 1 or 3 channels, got {list(images.shape)} "
-                         "(one image: image[None])")
-    batch = images.shape[0]
+Cell = Tensor | str | plots.Plot
+"""A panel's content: a picture ``[3,H,W]`` in [0, 1], a text, or a plot."""
+
+
+def _check(inputs: tuple[Tensor, ...], maps: Mapping[str, Tensor | tuple[Tensor, ...] | str],
+           row_labels: Sequence[str] | None) -> None:
+    if len(inputs) == 1 and inputs[0].dim() == 4 and inputs[0].shape[1] not in (1, 3):
+        raise ValueError(f"images must be [B,C,H,W] with 1 or 3 channels, got {list(inputs[0].shape)}")
+    if all(kinds.undrawable(x) for x in inputs):
+        reasons = "; ".join(str(kinds.undrawable(x)) for x in inputs)
+        raise ValueError(f"nothing to draw: {reasons} (one image: image[None])")
+    batch = inputs[0].shape[0]
     for key, attr in maps.items():
-        if isinstance(attr, Tensor) and (attr.dim() != 4 or attr.shape[0] != batch):
-            raise ValueError(f"map {key!r} must be [B,C,h,w] with B = {batch} like images, "
-                             f"got {list(attr.shape)}")
+        if isinstance(attr, str):
+            continue
+        parts = (attr,) if isinstance(attr, Tensor) else attr
+        if not isinstance(attr, Tensor) and len(attr) != len(inputs):
+            raise ValueError(f"map {key!r} has {len(attr)} parts for {len(inputs)} inputs")
+        for part in parts:
+            if part.shape[0] != batch:
+                raise ValueError(f"map {key!r} must have B = {batch} like the inputs, got {list(part.shape)}")
     if row_labels is not None and len(row_labels) != batch:
         raise ValueError(f"row_labels has {len(row_labels)} labels for {batch} rows")
 
 
 def explanation_figure(
-    images: Tensor,
-    maps: Mapping[str, Tensor | str],
+    images: Tensor | tuple[Tensor, ...],
+    maps: Mapping[str, Tensor | tuple[Tensor, ...] | str],
     *,
     title: str | None = None,
     row_labels: Sequence[str] | None = None,
     labels: Mapping[str, str] | None = None,
+    feature_names: Sequence[str] | Sequence[Sequence[str] | None] | None = None,
     panel: float = _PANEL,
     dpi: int = 100,
 ) -> Figure:
@@ -102,16 +132,27 @@ def explanation_figure(
     ``"true 3\\npred 3 (0.99)"``) are written left of the rows; ``title`` above everything. Signed
     columns get a "bwr" colour bar (blue lowers, red raises the class score), Grad-CAM an "inferno"
     one. Panels are ``panel`` inches square: ``H != W`` images are letterboxed.
+
+    Inputs of other kinds are drawn as :mod:`torchvis.rendering.kinds` says (signals ``[B,C,L]`` with
+    a heat strip, tables ``[B,N]`` as bar charts named by ``feature_names``, volumes ``[B,C,D,H,W]``
+    as central slices; volumes outside [0, 1] are scaled for display). A tuple of inputs gives each
+    example one row per input, labelled ``input i``; a map that is a tuple has one part per input, a
+    single tensor belongs to the first input. A panel that cannot be drawn says so (and an
+    :class:`~torchvis.rendering.kinds.UndrawableWarning` is raised).
     """
-    _check(images, maps, row_labels)
-    batch, columns = images.shape[0], 1 + len(maps)
-    names = {**{k: title_of(k) for k in maps}, **(labels or {})}
+    inputs = images if isinstance(images, tuple) else (images,)
+    _check(inputs, maps, row_labels)
+    names = kinds.feature_names_per_input(feature_names, inputs)
+    batch, count, columns = inputs[0].shape[0], len(inputs), 1 + len(maps)
+    rows = batch * count
+    titles = {**{k: title_of(k) for k in maps}, **(labels or {})}
     legends = {k: _legend(k, v) for k, v in maps.items()}
-    left = _MARGIN + (_ROW_LABELS if row_labels is not None else 0)
+    labelled = row_labels is not None or count > 1
+    left = _MARGIN + (_ROW_LABELS if labelled else 0)
     top = (_TITLE if title else 0) + _COLUMN_TITLES
     bottom = _MARGIN + (_LEGEND if any(legends.values()) else 0)
     width = left + columns * panel + (columns - 1) * _GAP + _MARGIN
-    height = top + batch * panel + (batch - 1) * _GAP + bottom
+    height = top + rows * panel + (rows - 1) * _GAP + bottom
     fig = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(fig)
     if title:
@@ -122,24 +163,68 @@ def explanation_figure(
         x = left + col * (panel + _GAP) + inset * panel
         return (x / width, y / height, (1 - 2 * inset) * panel / width, h / height)
 
-    interpolation = "nearest" if max(images.shape[-2:]) < 100 else "antialiased"
-    pictures: list[Tensor | str] = [im.to_rgb(images.detach().float().cpu())]
-    pictures += [v if isinstance(v, str) else _render(k, v, images) for k, v in maps.items()]
-    for col, (picture, name) in enumerate(zip(pictures, ["input", *names.values()], strict=True)):
-        for row in range(batch):
+    cells = [_cells(inputs, i, maps, names[i]) for i in range(count)]  # per input: columns of B cells
+    for col, name in enumerate(["input", *titles.values()]):
+        for row in range(rows):
+            b, i = divmod(row, count)
+            content, interpolation = cells[i][col][b], cells[i][-1]
             ax = fig.add_axes(box(row, col), label=_PANEL_LABEL)
-            _draw(ax, picture if isinstance(picture, str) else picture[row], interpolation)
+            if isinstance(content, (Tensor, str)):
+                _draw(ax, content, str(interpolation))
+            else:
+                ax.set_axis_off()
+                content(fig, box(row, col))
             if row == 0:
                 ax.set_title(name, fontsize=10)
-            if col == 0 and row_labels is not None:
-                ax.text(-0.06, 0.5, row_labels[row], transform=ax.transAxes, ha="right", va="center",
+            if col == 0 and labelled:
+                lines = [row_labels[b]] if row_labels is not None and i == 0 else []
+                lines += [f"input {i}"] if count > 1 else []
+                ax.text(-0.06, 0.5, "\n".join(lines), transform=ax.transAxes, ha="right", va="center",
                         fontsize=10)
     for col, kind in enumerate(legends.values(), start=1):
         if kind is not None:
             # Inset, so that the tick labels of neighbouring bars cannot run into each other.
-            bar = fig.add_axes(box(batch - 1 + (panel + 0.18) / (panel + _GAP), col, 0.12, inset=0.1))
+            bar = fig.add_axes(box(rows - 1 + (panel + 0.18) / (panel + _GAP), col, 0.12, inset=0.1))
             _colour_bar(fig, bar, kind, panel)
     return fig
+
+
+def _cells(inputs: tuple[Tensor, ...], i: int, maps: Mapping[str, Tensor | tuple[Tensor, ...] | str],
+           names: Sequence[str] | None) -> list[Any]:
+    """Input ``i``'s column contents — the input, then each map, ``B`` cells each — and last the
+    interpolation for its pictures."""
+    x = inputs[i]
+    batch = x.shape[0]
+    reason = kinds.undrawable(x)
+    if reason is not None:
+        warnings.warn(f"input {i}: cannot draw {reason}", kinds.UndrawableWarning, stacklevel=3)
+        return [[f"cannot draw {reason}"] * batch for _ in range(1 + len(maps))] + ["nearest"]
+    kind = kinds.kind_of(x)
+    if kind is kinds.Kind.IMAGE:  # exactly as before tuples and other kinds
+        columns: list[Any] = [im.to_rgb(x.detach().float().cpu())]
+        interpolation = "nearest" if max(x.shape[-2:]) < 100 else "antialiased"
+    else:
+        shown = kinds.display(x.detach().float().cpu(), None, None)
+        columns = [kinds.input_pictures(shown, names)]
+        interpolation = "nearest" if kind is not kinds.Kind.VOLUME or max(columns[0].shape[-2:]) < 100 \
+            else "antialiased"
+    for key, value in maps.items():
+        if isinstance(value, str):
+            columns.append([value] * batch)
+            continue
+        attr = dict(kinds.paired(inputs, value)).get(i)
+        if attr is None:
+            columns.append(["no map for this input"] * batch)
+            continue
+        problem = kinds.undrawable(x, attr)
+        if problem is not None:
+            warnings.warn(f"{key} of input {i}: cannot draw {problem}", kinds.UndrawableWarning, stacklevel=3)
+            columns.append([f"cannot draw {problem}"] * batch)
+        elif kind is kinds.Kind.IMAGE:
+            columns.append(_render(key, attr, x))
+        else:
+            columns.append(kinds.map_pictures(attr.detach().float().cpu(), shown, im.look_of(key), names))
+    return [*columns, interpolation]
 
 
 def _draw(ax: Axes, content: Tensor | str, interpolation: str) -> None:

@@ -25,19 +25,21 @@ except ImportError:
             'torchvis.tracking.lightning needs Lightning: pip install "torchvis[lightning]"'
         ) from err
 
-from torchvis.core.forward import Target, check_input
+from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
+from torchvis.core.inputs import InputLike, as_inputs
+from torchvis.core.targets import is_function
 from torchvis.methods.spec import Look
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.scores import check_metric_options, check_metrics
-from torchvis.tracking.tensorboard import Labels, Methods, Stats, check_logging
+from torchvis.tracking.tensorboard import FeatureNames, Labels, Methods, Stats, check_logging
 
 __all__ = ["AttributionCallback"]
 
 
 class AttributionCallback(pl.Callback):
-    """Log maps of a fixed probe batch (``images`` [B,C,H,W], ``labels`` [B]) every ``every_n_steps``
-    optimizer steps, through the trainer's TensorBoard logger.
+    """Log maps of a fixed probe batch (``images``, ``labels`` [B]) every ``every_n_steps`` optimizer
+    steps, through the trainer's TensorBoard logger.
 
     Example::
 
@@ -52,7 +54,10 @@ class AttributionCallback(pl.Callback):
     current step unless that step was already logged; this works from ``trainer.validate``, whose
     ``torch.inference_mode`` is left for the duration of the log (the probe, the weights and the maps
     are ordinary tensors). Only global rank zero computes, on the unwrapped ``pl_module``, whose
-    forward must return ``[B, classes]`` logits; no collective is called. Training is unchanged bit
+    forward must return ``[B, classes]`` logits (or take a callable ``target``); no collective is
+    called. The probe is any input the methods take: a tensor ``[B, ...]`` (images, tables, signals,
+    volumes) or a tuple of them, with ``forward_args``/``forward_kwargs`` and ``feature_names`` as in
+    :class:`~torchvis.monitor.Monitor`. Training is unchanged bit
     for bit (see :class:`torchvis.monitor.Monitor`). A missing TensorBoard logger fails at ``setup``,
     a bad probe, layer, method or option at the start of fit or validation, on every rank (an unknown
     metric already here). ``metrics`` and ``metric_options`` as in :class:`~torchvis.monitor.Monitor`.
@@ -62,8 +67,8 @@ class AttributionCallback(pl.Callback):
 
     def __init__(
         self,
-        images: Tensor,
-        labels: Labels,
+        images: InputLike,
+        labels: Labels | None,
         *,
         methods: Methods = ("saliency", "grad_cam"),
         layer: LayerRef | None | Sequence[LayerRef | None] = None,
@@ -73,11 +78,14 @@ class AttributionCallback(pl.Callback):
         mean: Stats | None = None,
         std: Stats | None = None,
         class_names: Sequence[str] | None = None,
+        feature_names: FeatureNames = None,
         prefix: str = "torchvis",
         looks: Mapping[str, Look] | None = None,
         metrics: Sequence[str] = (),
         metric_options: Mapping[str, Any] | None = None,
         background: bool = False,
+        forward_args: Any = None,
+        forward_kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         if every_n_steps is not None and (
@@ -86,18 +94,21 @@ class AttributionCallback(pl.Callback):
             raise ValueError(f"every_n_steps must be a positive int or None; got {every_n_steps!r}")
         if every_n_steps is None and not on_validation:
             raise ValueError("with every_n_steps=None and on_validation=False nothing would be logged")
-        if labels is None:
+        if labels is None and not (is_function(target) or isinstance(target, tuple)):
             raise ValueError("the callback needs the probe's labels (the true classes, shown next to the "
                              "predictions); pass labels=[B] class indices")
         # Copies made outside inference_mode are ordinary tensors, which autograd accepts later.
-        self.images = check_input(images).detach().clone()
+        inputs = as_inputs(images, forward_args, forward_kwargs)
+        clones = tuple(t.detach().clone() for t in inputs.tensors)
+        self.images: InputLike = clones if inputs.was_tuple else clones[0]
         self.labels = labels.detach().clone() if isinstance(labels, Tensor) else labels
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
         check_metric_options(metric_options or {})
         self.options = options
         self.kwargs: dict[str, Any] = dict(
             methods=tuple(methods), layer=layer, target=target, mean=mean, std=std,
-            class_names=class_names, prefix=prefix, looks=looks, metrics=check_metrics(metrics),
+            class_names=class_names, feature_names=feature_names, forward_args=forward_args,
+            forward_kwargs=forward_kwargs, prefix=prefix, looks=looks, metrics=check_metrics(metrics),
             metric_options=dict(metric_options or {}), **options,
         )
         self.background = background
@@ -145,7 +156,8 @@ class AttributionCallback(pl.Callback):
         kw = self.kwargs
         check_logging(pl_module, self.images, self.labels, methods=kw["methods"], layer=kw["layer"],
                       target=kw["target"], mean=kw["mean"], std=kw["std"], class_names=kw["class_names"],
-                      options=self.options)
+                      options=self.options, feature_names=kw["feature_names"], metrics=kw["metrics"],
+                      forward_args=kw["forward_args"], forward_kwargs=kw["forward_kwargs"])
         self._started, self.logged_steps = True, []
         if trainer.is_global_zero:
             writer = tensorboard_logger(trainer).experiment

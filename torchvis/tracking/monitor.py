@@ -30,9 +30,12 @@ from torch import Tensor, nn
 
 from torchvis.core.forward import Target, as_target
 from torchvis.core.hooks import LayerRef
+from torchvis.core.inputs import InputLike, Inputs
+from torchvis.core.targets import is_function
 from torchvis.methods.spec import Look
 from torchvis.tracking.scores import check_metric_options, check_metrics, scores_layout
 from torchvis.tracking.tensorboard import (
+    FeatureNames,
     Labels,
     Methods,
     Sink,
@@ -43,11 +46,12 @@ from torchvis.tracking.tensorboard import (
     is_closed,
     log_attributions,
     model_device,
+    moved,
 )
 
 
 class Monitor:
-    """Log maps of a fixed probe batch (``images`` [B,C,H,W], ``labels`` [B]) every ``every`` steps.
+    """Log maps of a fixed probe batch (``images``, ``labels`` [B]) every ``every`` steps.
 
     Example::
 
@@ -69,17 +73,28 @@ class Monitor:
     to the model's device now, and again if the model moves or changes dtype. With ``background=True``
     the maps are computed off the training thread (see the module docstring), which costs a shadow
     copy of the model and ``queue_size`` snapshots of its weights in memory. Every argument is
-    checked here, so a mistake fails at construction, not at step 5,000. Under DDP, build it on rank 0
-    only with ``ddp_model.module``. :meth:`close` (or leaving the ``with`` block, or normal interpreter exit)
-    flushes the writer; it does not close it, since the writer is yours.
+    checked here, so a mistake fails at construction, not at step 5,000.
+
+    The probe may be any input a method takes — a tensor ``[B, ...]`` (an image batch, a table
+    ``[B,N]``, signals ``[B,C,L]``, volumes ``[B,C,D,H,W]``) or a tuple of them — with
+    ``forward_args``/``forward_kwargs`` for the model (tensors among them follow the model's device,
+    floating ones its dtype, like the probe), and ``feature_names`` for tables; each kind is drawn as
+    :func:`~torchvis.tracking.tensorboard.log_attributions` says. ``target`` may be a callable
+    ``f(output) -> [B]`` (the text then names it and the score) or a tuple indexing a larger output;
+    ``labels`` may then be ``None``. The deletion/insertion ``metrics`` need, for now, one image probe
+    and a class target.
+
+    Under DDP, build it on rank 0 only with ``ddp_model.module``. :meth:`close` (or leaving the
+    ``with`` block, or normal interpreter exit) flushes the writer; it does not close it, since the
+    writer is yours.
     """
 
     def __init__(
         self,
         model: nn.Module,
         writer: Sink,
-        images: Tensor,
-        labels: Labels,
+        images: InputLike,
+        labels: Labels | None,
         *,
         methods: Methods = ("saliency", "grad_cam"),
         layer: LayerRef | None | Sequence[LayerRef | None] = None,
@@ -88,12 +103,15 @@ class Monitor:
         mean: Stats | None = None,
         std: Stats | None = None,
         class_names: Sequence[str] | None = None,
+        feature_names: FeatureNames = None,
         prefix: str = "torchvis",
         looks: Mapping[str, Look] | None = None,
         metrics: Sequence[str] = (),
         metric_options: Mapping[str, Any] | None = None,
         background: bool = False,
         queue_size: int = 2,
+        forward_args: Any = None,
+        forward_kwargs: Mapping[str, Any] | None = None,
         **options: Any,
     ) -> None:
         if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -103,11 +121,12 @@ class Monitor:
             raise ValueError(f"every must be a positive int (log every `every` steps); got {every!r}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be a positive int; got {queue_size!r}")
-        if labels is None:
+        if labels is None and not (is_function(target) or isinstance(target, tuple)):
             raise ValueError("the Monitor needs the probe's labels (the true classes, shown next to the "
                              "predictions); pass labels=[B] class indices")
-        check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean, std=std,
-                      class_names=class_names, options=options)
+        inputs = check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean,
+                               std=std, class_names=class_names, options=options, feature_names=feature_names,
+                               metrics=metrics, forward_args=forward_args, forward_kwargs=forward_kwargs)
         self.metrics = check_metrics(metrics)
         check_metric_options(metric_options or {})
         check_sink(writer)
@@ -115,15 +134,16 @@ class Monitor:
         self.model, self.writer, self.every = model, writer, every
         self._options: dict[str, Any] = dict(
             methods=tuple(methods), layer=layer, mean=mean, std=std, class_names=class_names,
-            prefix=prefix, looks=looks, metrics=self.metrics, metric_options=dict(metric_options or {}),
+            feature_names=feature_names, prefix=prefix, looks=looks, metrics=self.metrics,
+            metric_options=dict(metric_options or {}),
             **options,
         )
         self._prefix = prefix
-        device = model_device(model) or images.device
+        device = model_device(model) or inputs.device
         # Copies, so later in-place changes to the user's tensors cannot reach the probe.
-        self._probe = images.detach().to(device, copy=True)
-        self.images = self._probe.to(model_dtype(model) or self._probe.dtype)
-        self.labels = torch.as_tensor(as_target(labels)).to(device, copy=True)
+        self._probe = moved(inputs, device, copy=True)
+        self._inputs = self._follow_dtype(model_dtype(model))
+        self.labels = None if labels is None else torch.as_tensor(as_target(labels)).to(device, copy=True)
         target = as_target(target)
         self.target = target.to(device, copy=True) if isinstance(target, Tensor) else target
         self.logged_steps: list[int] = []
@@ -155,23 +175,41 @@ class Monitor:
         add_layout = getattr(self.writer, "add_custom_scalars", None)
         if self.metrics and not self.logged_steps and callable(add_layout):
             add_layout(scores_layout(self._prefix, self.metrics))  # once: the charts of every method
+        kwargs.update(forward_args=self._inputs.forward_args or None,
+                      forward_kwargs=self._inputs.forward_kwargs or None)
         if self._background is not None:
             self._background.submit(step, self.images, self.target, kwargs)
         else:
             log_attributions(self.writer, self.model, self.images, self.target, step=step, **kwargs)
         self.logged_steps.append(step)
 
+    @property
+    def images(self) -> InputLike:
+        """The probe as the model gets it (on its device, in its dtype): a tensor, or a tuple."""
+        tensors = self._inputs.tensors
+        return tensors if self._inputs.was_tuple else tensors[0]
+
     def _follow(self, model: nn.Module) -> None:
         """Move the probe (and a tensor target) to the model's device and dtype, if they changed."""
         device, dtype = model_device(model), model_dtype(model)
-        if device is not None and device != self.images.device:
-            self._probe, self.labels = self._probe.to(device), self.labels.to(device)
+        if device is not None and device != self._inputs.device:
+            self._probe = moved(self._probe, device)
+            self.labels = None if self.labels is None else self.labels.to(device)
             if isinstance(self.target, Tensor):
                 self.target = self.target.to(device)
-        wanted = dtype or self._probe.dtype
-        if self.images.device != self._probe.device or self.images.dtype != wanted:
-            # From the first copy, so a round trip through bfloat16 loses nothing.
-            self.images = self._probe.to(wanted)
+        self._inputs = self._follow_dtype(dtype)
+
+    def _follow_dtype(self, dtype: torch.dtype | None) -> Inputs:
+        """The probe in ``dtype`` — from the first copy, so a round trip through bfloat16 loses nothing;
+        the probe itself (no copy) while the dtype matches."""
+        current = getattr(self, "_inputs", None)
+        first = self._probe.first
+        wanted = dtype or first.dtype
+        if current is not None and current.device == first.device and current.first.dtype == wanted:
+            return current
+        if wanted == first.dtype and all(t.dtype == wanted for t in self._probe.tensors):
+            return self._probe
+        return moved(self._probe, first.device, wanted)
 
     def close(self) -> None:
         """Wait for queued steps (background mode), flush the writer and stop; later calls to
@@ -211,7 +249,7 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-_Job = tuple[int, list[Tensor], list[bool], Tensor, Any, dict[str, Any]]
+_Job = tuple[int, list[Tensor], list[bool], InputLike, Any, dict[str, Any]]
 
 
 class _Background:
@@ -239,7 +277,7 @@ class _Background:
         for _ in range(self.queue_size):
             self.free.put([t.detach().clone() for t in self.sources])
 
-    def submit(self, step: int, images: Tensor, target: Any, kwargs: dict[str, Any]) -> None:
+    def submit(self, step: int, images: InputLike, target: Any, kwargs: dict[str, Any]) -> None:
         """Copy the weights into a free slot (waiting for one if ``queue_size`` steps are queued) and
         queue the step."""
         sources = [*self.model.parameters(), *self.model.buffers()]
@@ -272,7 +310,7 @@ class _Background:
             finally:
                 self.jobs.task_done()
 
-    def _log(self, step: int, slot: list[Tensor], modes: list[bool], images: Tensor, target: Any,
+    def _log(self, step: int, slot: list[Tensor], modes: list[bool], images: InputLike, target: Any,
              kwargs: dict[str, Any]) -> None:
         with torch.no_grad():
             torch._foreach_copy_(self.targets, slot)

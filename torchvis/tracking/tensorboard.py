@@ -20,6 +20,13 @@ tag                            content
                                AUC over the batch (:mod:`torchvis.tracking.scores`)
 =============================  =====================================================================
 
+A probe that is a tuple of inputs gets one picture per input under each of these image tags,
+``<tag>/x<i>`` (a map that is one tensor for a tuple — the CAMs — under ``/x0``). Inputs that are not
+images are drawn by their kind (:mod:`torchvis.rendering.kinds`: tables as bar charts, signals with a
+heat strip, volumes as central slices), the examples of one tag in one matplotlib figure laid out like
+the grid. For a model whose output is not ``[B, classes]`` (a callable or index target) the text
+lists the explained score per example instead of the predictions.
+
 The grid has :func:`torchvis.image.grid_columns` columns, so its rows are as full as they can be (10
 probes: two rows of 5, not 8 + 2). Inputs under :data:`torchvis.image.LEGIBLE` (96) pixels on the
 short side are enlarged for display by a whole factor, repeating pixels (:func:`torchvis.image.enlarge`:
@@ -38,6 +45,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,18 +54,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import summary
 
-from torchvis.core.forward import (
-    Target,
-    as_target,
-    check_input,
-    checked_logits,
-    guarded,
-    resolve_target,
-)
+from torchvis.core.forward import Target, as_target, guarded, resolve_target
 from torchvis.core.hooks import LayerRef, resolve_layer
+from torchvis.core.inputs import InputLike, Inputs, as_inputs
+from torchvis.core.targets import is_function, score_of
 from torchvis.methods.combine import explain, unique_specs
 from torchvis.methods.spec import Look, MethodSpec
-from torchvis.rendering import image
+from torchvis.rendering import image, kinds, plots
+from torchvis.rendering.figure import figure_rgb, target_name
 from torchvis.tracking.scores import check_metric_options, check_metrics, log_scores
 
 
@@ -74,12 +78,13 @@ class Sink(Protocol):
 Stats = float | Sequence[float]
 Labels = Tensor | Sequence[int]
 Methods = Sequence[str | Callable[..., Tensor]]
+FeatureNames = Sequence[str] | Sequence[Sequence[str] | None] | None
 
 
 def log_attributions(
     writer: Sink,
     model: nn.Module,
-    images: Tensor,
+    images: InputLike,
     target: Target = None,
     *,
     step: int,
@@ -89,69 +94,156 @@ def log_attributions(
     mean: Stats | None = None,
     std: Stats | None = None,
     class_names: Sequence[str] | None = None,
+    feature_names: FeatureNames = None,
     prefix: str = "torchvis",
     log_inputs: bool = True,
     looks: Mapping[str, Look] | None = None,
     metrics: Sequence[str] = (),
     metric_options: Mapping[str, Any] | None = None,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> dict[str, Tensor]:
-    """Explain ``images`` [B,C,H,W] with each method and log the grids; returns ``{tag: uint8 [1,3,H',W']}``.
+    """Explain ``images`` with each method and log the pictures; returns ``{tag: uint8 [1,3,H',W']}``.
 
-    ``images`` are the model's (normalised) inputs; ``mean``/``std`` undo that normalisation for
-    display (without them the inputs must lie in [0, 1]). ``target`` as in every method (None: the
-    predicted class). ``labels`` [B] are the true classes, shown in the text. Inputs, labels and a
-    tensor target are moved to the model's device. One extra no-grad forward pass finds the
-    predictions; the maps then explain exactly the classes the text shows. ``metrics`` (names of
-    :data:`torchvis.tracking.scores.METRICS`) add one scalar per metric and map,
-    ``<prefix>/<metric>/<method>``: the mean over the batch (see :func:`~torchvis.tracking.scores.log_scores`,
-    which takes ``metric_options``).
+    ``images`` are the model's inputs: a tensor ``[B, ...]`` or a tuple of them (see
+    :mod:`torchvis.core.inputs`; ``forward_args``/``forward_kwargs`` go to the model with every call).
+    Each input is drawn by its kind (:mod:`torchvis.rendering.kinds`): images ``[B,C,H,W]`` as
+    always, signals ``[B,C,L]`` as lines with a heat strip, tables ``[B,N]`` as bar charts of the
+    strongest features (named by ``feature_names``: one list for the table, or one entry per input),
+    volumes ``[B,C,D,H,W]`` as their central slices; with a tuple each input's pictures get their own
+    tag, ``<tag>/x<i>``. What cannot be drawn is left out with an
+    :class:`~torchvis.rendering.kinds.UndrawableWarning` (shown once per tag and reason).
+
+    ``mean``/``std`` undo the normalisation of image (and volume) inputs for display (without them
+    image inputs must lie in [0, 1]). ``target`` as in every method (None: the predicted class; a
+    callable ``f(output) -> [B]``, whose name the text then shows). ``labels`` [B] are the true
+    classes, shown in the text. Inputs, labels and a tensor target are moved to the model's device. One
+    extra no-grad forward pass finds the predictions; the maps then explain exactly the classes the
+    text shows. ``metrics`` (names of :data:`torchvis.tracking.scores.METRICS`) add one scalar per
+    metric and map, ``<prefix>/<metric>/<method>``: the mean over the batch (see
+    :func:`~torchvis.tracking.scores.log_scores`, which takes ``metric_options``).
     """
     check_metrics(metrics)
     check_metric_options(metric_options or {})
-    check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean, std=std,
-                  class_names=class_names, options=options)
+    inputs = check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean,
+                           std=std, class_names=class_names, options=options, feature_names=feature_names,
+                           metrics=metrics, forward_args=forward_args, forward_kwargs=forward_kwargs)
     check_sink(writer)
-    device = model_device(model) or images.device
-    x = images.detach().to(device)
+    device = model_device(model) or inputs.device
+    inputs = moved(inputs, device)
+    x = inputs.tensors
+    batch = inputs.batch
     y = None if labels is None else torch.as_tensor(labels).to(device)
     target = as_target(target)
     if isinstance(target, Tensor):
         target = target.to(device)
-    with guarded(model, x, grad=False), torch.no_grad():
-        logits = checked_logits(model(x), x.shape[0]).float()
-    if class_names is not None and len(class_names) != logits.shape[1]:
-        raise ValueError(f"class_names has {len(class_names)} names; the model has {logits.shape[1]} classes")
-    if y is not None and int(y.max()) >= logits.shape[1]:
-        raise ValueError(f"labels go up to {int(y.max())}; the model has {logits.shape[1]} classes")
-    predicted = logits.argmax(dim=1)
-    explained = predicted if target is None else resolve_target(target, logits)
-    maps = explain(model, x, explained, methods=methods, layer=layer, **options)
+    with guarded(model, inputs.first, grad=False), torch.no_grad():
+        output = inputs.call(model)
+    logits = output.float() if _is_logits(output, batch) else None
+    if logits is None:
+        if y is not None:
+            raise ValueError(f"labels are true classes, but the model's output is {_shape(output)}, not "
+                             f"[B={batch}, classes]; leave labels out")
+        resolved = resolve_target(target, output, batch)
+        explained: Any = target
+    else:
+        if class_names is not None and len(class_names) != logits.shape[1]:
+            raise ValueError(
+                f"class_names has {len(class_names)} names; the model has {logits.shape[1]} classes")
+        if y is not None and int(y.max()) >= logits.shape[1]:
+            raise ValueError(f"labels go up to {int(y.max())}; the model has {logits.shape[1]} classes")
+        predicted = logits.argmax(dim=1)
+        resolved = explained = predicted if target is None else resolve_target(target, logits)
+    maps = explain(model, x if inputs.was_tuple else x[0], explained, methods=methods, layer=layer,
+                   forward_args=inputs.forward_args or None,
+                   forward_kwargs=dict(inputs.forward_kwargs) or None,
+                   **options)
 
-    display = input_display(x, mean, std).float()
-    grids = {f"{prefix}/input": display} if log_inputs else {}
-    for key, attr in maps.items():
-        grids[f"{prefix}/{key}"] = image.render_map(attr.float(), display, image.look_of(key, looks))
+    names = kinds.feature_names_per_input(feature_names, x)
+    shown = [kinds.display(t, mean, std).float() for t in x]
+    suffix = [f"/x{i}" if inputs.was_tuple else "" for i in range(len(x))]
+    pictures: dict[str, kinds.Pictures] = {}
+    if log_inputs:
+        for i, t in enumerate(x):
+            tag = f"{prefix}/input{suffix[i]}"
+            if _drawable(tag, t):
+                pictures[tag] = kinds.input_pictures(shown[i], names[i])
+    for key, value in maps.items():
+        for i, attr in kinds.paired(x, value):
+            tag = f"{prefix}/{key}{suffix[i]}"
+            if _drawable(tag, x[i], attr):
+                look = image.look_of(key, looks)
+                pictures[tag] = kinds.map_pictures(attr.float(), shown[i], look, names[i])
     # Small inputs are enlarged (whole factor, nearest neighbour) so that a 28 px digit is legible.
-    columns = image.grid_columns(x.shape[0])
-    logged = {tag: image.to_uint8(image.grid(image.enlarge(tiles), nrow=columns))[None]
-              for tag, tiles in grids.items()}
+    columns = image.grid_columns(batch)
+    logged = {tag: _logged(p, columns) for tag, p in pictures.items()}
     for tag, grid in logged.items():
         writer.add_images(tag, grid, step)
 
-    probability = logits.softmax(dim=1).gather(1, predicted[:, None])[:, 0]
-    names = list(class_names) if class_names is not None else [str(c) for c in range(logits.shape[1])]
-    writer.add_text(f"{prefix}/classes", classes_text(
-        names, predicted.tolist(), probability.tolist(),
-        None if y is None else y.tolist(), None if target is None else explained.tolist(),
-    ), step)
+    if logits is not None:
+        probability = logits.softmax(dim=1).gather(1, predicted[:, None])[:, 0]
+        classes = list(class_names) if class_names is not None else [str(c) for c in range(logits.shape[1])]
+        shown_target: list[int | str] | None = None
+        if is_function(target):
+            shown_target = [f"target: {target_name(target)}"] * batch  # type: ignore[arg-type]
+        elif target is not None:
+            shown_target = explained.tolist()
+        text = classes_text(classes, predicted.tolist(), probability.tolist(),
+                            None if y is None else y.tolist(), shown_target)
+    else:
+        text = scores_text(target, score_of(output, resolved, batch).float().tolist())
+    writer.add_text(f"{prefix}/classes", text, step)
     add_scalar = getattr(writer, "add_scalar", None)
-    if y is not None and callable(add_scalar):
+    if logits is not None and y is not None and callable(add_scalar):
         add_scalar(f"{prefix}/probe_accuracy", (predicted == y).float().mean().item(), step)
     if metrics:
-        log_scores(writer, model, x, maps, explained, metrics=metrics, step=step, prefix=prefix,
+        log_scores(writer, model, x[0], maps, explained, metrics=metrics, step=step, prefix=prefix,
                    **(metric_options or {}))
     return logged
+
+
+def _is_logits(output: object, batch: int) -> bool:
+    return isinstance(output, Tensor) and output.dim() == 2 and output.shape[0] == batch
+
+
+def _shape(output: object) -> str:
+    return f"a tensor of shape {list(output.shape)}" if isinstance(output, Tensor) else type(output).__name__
+
+
+def _drawable(tag: str, x: Tensor, attr: Tensor | None = None) -> bool:
+    """Whether the input (or the map over it) can be drawn; if not, say so once per tag and reason (the
+    warnings module shows a repeated message once)."""
+    reason = kinds.undrawable(x, attr)
+    if reason is not None:
+        warnings.warn(f"{tag}: cannot draw {reason}; it is left out", kinds.UndrawableWarning, stacklevel=3)
+    return reason is None
+
+
+def _logged(pictures: kinds.Pictures, columns: int) -> Tensor:
+    """One uint8 ``[1,3,H,W]`` grid: picture tensors tiled (enlarged when small), plots drawn in one
+    figure."""
+    if isinstance(pictures, Tensor):
+        return image.to_uint8(image.grid(image.enlarge(pictures), nrow=columns))[None]
+    rgb = figure_rgb(plots.plot_grid(pictures, columns))
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous()
+
+
+def moved(
+    inputs: Inputs, device: torch.device, dtype: torch.dtype | None = None, *, copy: bool = False
+) -> Inputs:
+    """``inputs`` on ``device``: the attributed tensors detached (and in ``dtype`` when given), tensors
+    among the extra arguments moved too (floating ones to ``dtype``); ``copy`` forces new tensors."""
+
+    def to(t: Any, attributed: bool = False) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        wanted = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return (t.detach() if attributed else t).to(device, wanted, copy=copy)
+
+    args = tuple(to(a) for a in inputs.forward_args)
+    kwargs = {k: to(v) for k, v in inputs.forward_kwargs.items()}
+    return Inputs(tuple(to(t, True) for t in inputs.tensors), inputs.was_tuple, args, kwargs)
 
 
 def input_display(x: Tensor, mean: Stats | None, std: Stats | None) -> Tensor:
@@ -167,10 +259,11 @@ def classes_text(
     predicted: Sequence[int],
     probability: Sequence[float],
     labels: Sequence[int] | None,
-    explained: Sequence[int] | None,
+    explained: Sequence[int | str] | None,
 ) -> str:
     """A markdown table, one row per tile (batch order, grids filled row by row); ``p`` is the
-    softmax probability of the predicted class, and a wrong prediction is bold and marked ✗."""
+    softmax probability of the predicted class, and a wrong prediction is bold and marked ✗.
+    ``explained``: the class explained per example, or a text (``"target: <callable name>"``)."""
     header = ["#"] + (["true"] if labels is not None else []) + ["predicted", "p"]
     header += ["explained"] if explained is not None else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -179,11 +272,27 @@ def classes_text(
         if labels is not None:
             row.append(names[labels[i]])
         row += [names[pred] if labels is None or pred == labels[i] else f"**{names[pred]}** ✗", f"{p:.2f}"]
-        row += [names[explained[i]]] if explained is not None else []
+        if explained is not None:
+            e = explained[i]
+            row.append(e if isinstance(e, str) else names[e])
         lines.append("| " + " | ".join(row) + " |")
     if labels is not None:
         right = sum(pred == label for pred, label in zip(predicted, labels, strict=True))
         lines.insert(0, f"{right} of {len(labels)} correct\n")
+    return "\n".join(lines)
+
+
+def scores_text(target: Any, scores: Sequence[float]) -> str:
+    """A markdown table of the explained score per example, for a model whose output is not
+    ``[B, classes]`` (a callable target, an index into a larger output, one score per example)."""
+    if is_function(target):
+        what = f"target: {target_name(target)}"
+    elif target is None:
+        what = "output"
+    else:
+        what = f"output[{target!r}]"
+    lines = ["| # | explained | score |", "|---|---|---|"]
+    lines += [f"| {i} | {what} | {s:.4g} |" for i, s in enumerate(scores)]
     return "\n".join(lines)
 
 
@@ -198,7 +307,7 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 def check_logging(
     model: nn.Module,
-    images: Tensor,
+    images: InputLike,
     labels: Labels | None,
     *,
     methods: Methods,
@@ -208,11 +317,19 @@ def check_logging(
     class_names: Sequence[str] | None,
     options: Mapping[str, Any],
     target: Target = None,
-) -> None:
-    """Raise for anything that would only fail at a logging step; runs no model."""
-    check_input(images)
-    batch, channels = images.shape[:2]
+    feature_names: FeatureNames = None,
+    metrics: Sequence[str] = (),
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> Inputs:
+    """Raise for anything that would only fail at a logging step; runs no model. Returns the checked
+    inputs (:func:`torchvis.core.inputs.as_inputs`)."""
+    inputs = as_inputs(images, forward_args, forward_kwargs)
+    batch = inputs.batch
     check_target(target, batch)
+    if metrics and not _scored(inputs, target):
+        raise ValueError(_METRICS_REFUSED)
+    kinds.feature_names_per_input(feature_names, inputs.tensors)
     if labels is not None:
         y = torch.as_tensor(labels)
         if y.dim() != 1 or y.shape[0] != batch or y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -228,28 +345,64 @@ def check_logging(
     _check_options(specs, options, has_layer=all(ref is not None for ref in refs))
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std (the normalisation of the inputs), or neither")
+    for i, x in enumerate(inputs.tensors):
+        if kinds.kind_of(x) in (kinds.Kind.IMAGE, kinds.Kind.VOLUME):
+            _check_display(x, mean, std, f"x[{i}]" if inputs.was_tuple else "the inputs")
+    return inputs
+
+
+# Deletion and insertion score one image input with class targets for now; lift this line when they
+# take any input (the metrics' own checks then apply).
+_METRICS_REFUSED = ("metrics (deletion, insertion) need, for now, one image probe [B,C,H,W] without "
+                    "forward_args and a class target (None, an int or one per example)")
+
+
+def _scored(inputs: Inputs, target: Target) -> bool:
+    return (not inputs.was_tuple and inputs.first.dim() == 4 and not inputs.forward_args
+            and not inputs.forward_kwargs and not is_function(target) and not isinstance(target, tuple))
+
+
+def _check_display(x: Tensor, mean: Stats | None, std: Stats | None, name: str) -> None:
+    """An image (or volume) input can be shown: ``mean``/``std`` fit its channels, or it lies in
+    [0, 1] (volumes outside it are scaled for display instead)."""
+    channels = x.shape[1]
     if mean is not None and std is not None:
         if not all(s > 0 for s in image.per_channel(std, channels, "std")):
             raise ValueError(f"std entries must be positive; got {std}")
         image.per_channel(mean, channels, "mean")
-    elif not bool(((images >= 0) & (images <= 1)).all()):
+    elif x.dim() == 4 and not bool(((x >= 0) & (x <= 1)).all()):
         raise ValueError(
-            f"the inputs lie in [{images.min().item():.3g}, {images.max().item():.3g}], not [0, 1]; "
+            f"{name} lie in [{x.min().item():.3g}, {x.max().item():.3g}], not [0, 1]; "
             "pass the mean and std they were normalised with, so they can be shown as images"
         )
 
 
 def check_target(target: Target, batch: int) -> None:
-    """``target`` must be None, a class index, or one class index per example (``batch``)."""
+    """``target`` must be None, a class index, one class index per example (``batch``), a tuple of
+    indices into a larger output (``(3, 1)``), one such index per example (``[B, k]``), or a callable
+    ``f(output) -> [B]``. Whether it fits the model's output is checked at the first logging step."""
+    if is_function(target):
+        return
     target = as_target(target)  # NumPy integers and 0-d arrays or tensors are class indices
     if target is None:
         return
     if isinstance(target, bool) or (isinstance(target, int) and target < 0):
-        raise ValueError(f"target must be None, a class index or {batch} class indices; got {target!r}")
-    if not isinstance(target, int):
+        raise ValueError(f"target must be None, a class index, {batch} class indices, a tuple of indices or "
+                         f"a callable; got {target!r}")
+    if isinstance(target, int):
+        return
+    if isinstance(target, tuple) and target and all(isinstance(as_target(i), int) for i in target):
+        if any(as_target(i) < 0 for i in target):
+            raise ValueError(f"target indices must be >= 0; got {target!r}")
+        return  # an index into an output [B, d1..dk] (or, of length B, one class per example)
+    try:
         t = torch.as_tensor(target)
-        if t.dim() != 1 or t.shape[0] != batch or t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise ValueError(f"target must hold {batch} integer class indices; got {t.dtype} {list(t.shape)}")
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"target must be None, a class index, {batch} class indices, a tuple of indices "
+                         f"or a callable; got {type(target).__name__}") from err
+    if t.dim() not in (1, 2) or t.shape[0] != batch or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"target must hold {batch} integer class indices (or [{batch}, k] indices); got "
+                         f"{t.dtype} {list(t.shape)}")
 
 
 def _check_options(specs: Sequence[MethodSpec], options: Mapping[str, Any], *, has_layer: bool) -> None:
