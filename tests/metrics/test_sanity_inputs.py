@@ -104,3 +104,17 @@ def test_a_plain_function_is_refused(randn: Randn) -> None:
     with pytest.raises(TypeError, match="re-initialises the model's layers.*needs an nn.Module"):
         torchvis.sanity_check(lambda a, b: model(a, b, torch.ones(2)), (randn(0, 2, 4), randn(1, 2, 3)),
                               ["saliency"])
+
+
+def test_the_figure_captions_read_each_inputs_row(randn: Randn) -> None:
+    from torchvis.rendering.sanity_figure import sanity_figure
+
+    model = seeded(4, TwoInputs)
+    image, meta, gain = randn(5, 2, 2, 5, 5).sigmoid(), randn(6, 2, 4), randn(7, 2).exp()
+    result = torchvis.sanity_check(model, (image, meta), ["saliency"], layers=["conv"], forward_args=(gain,),
+                                   forward_kwargs={"bias": 0.0})
+    assert isinstance(result.images, tuple) and torch.equal(result.images[1], meta)
+    grid = [ax for ax in sanity_figure(result).axes if ax.get_label() != "bars"]
+    for i in (0, 1):
+        rho = result.row("saliency", "conv", input=i).spearman_abs
+        assert grid[2 * i + 1].get_title() == f"conv\nρ|·|={rho:+.2f}"
