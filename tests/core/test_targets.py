@@ -94,21 +94,77 @@ def test_a_single_score_per_example_is_explained_as_it_is() -> None:
         torchvis.saliency(model, x, 1)
 
 
-def test_callable_on_a_segmentation_model_is_the_masked_sum_gradient() -> None:
-    from torchvision.models.segmentation import fcn_resnet50
+@pytest.fixture(scope="module", params=["fcn_resnet50", "deeplabv3_resnet50"])
+def segmentation(request: pytest.FixtureRequest) -> nn.Module:
+    """A torchvision segmentation model with random weights (nothing downloaded), 4 classes."""
+    from torchvision.models import segmentation as seg
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = fcn_resnet50(weights=None, weights_backbone=None, num_classes=4).eval()
-    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        return getattr(seg, request.param)(weights=None, weights_backbone=None, num_classes=4).eval()
+
+
+def _region_target() -> tuple[Tensor, Callable[[Any], Tensor]]:
     mask = torch.zeros(64, 64, dtype=torch.bool)
     mask[16:40, 8:30] = True
-    target = output_tensor("out", class_in_region(2, mask))
+    return mask, output_tensor("out", class_in_region(2, mask))
+
+
+def test_callable_on_a_segmentation_model_is_the_masked_sum_gradient(segmentation: nn.Module) -> None:
+    model, (mask, target) = segmentation, _region_target()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     got = torchvis.saliency(model, x, target)
     leaf = x.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad((model(leaf)["out"][:, 2] * mask).sum(), leaf)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7 * float(expected.abs().max()))
     assert got.abs().sum() > 0
+
+
+def test_callable_on_a_segmentation_model_through_cam_occlusion_and_deletion(segmentation: nn.Module) -> None:
+    """Grad-CAM at the backbone's last stage, occlusion and deletion of the masked class-2 sum, each
+    against the computation written out by hand (deletion scores the callable's own value)."""
+    model, (mask, target) = segmentation, _region_target()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def region_score(images: Tensor) -> Tensor:
+        with torch.no_grad():
+            return (model(images)["out"][:, 2] * mask).sum(dim=(1, 2))
+
+    # Grad-CAM: A and dS/dA at backbone.layer4, weights = spatial mean of the gradient.
+    seen: list[Tensor] = []
+    handle = model.backbone.layer4.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        score = (model(x)["out"][:, 2] * mask).sum()
+    finally:
+        handle.remove()
+    (g,) = torch.autograd.grad(score, seen[0])
+    heat = (g.mean(dim=(2, 3), keepdim=True) * seen[0].detach()).sum(dim=1, keepdim=True).clamp_min(0)
+    expected_cam = torch.nn.functional.interpolate(heat, size=(64, 64), mode="bilinear", align_corners=False)
+    got_cam = torchvis.grad_cam(model, x, target, layer="backbone.layer4")
+    torch.testing.assert_close(got_cam, expected_cam, rtol=1e-4, atol=1e-5 * float(expected_cam.abs().max()))
+
+    # Occlusion, 16x16 windows without overlap: each pixel's value is its window's score drop.
+    clean = region_score(x)
+    expected_occ = torch.zeros(1, 1, 64, 64)
+    for top in range(0, 64, 16):
+        for left in range(0, 64, 16):
+            hidden = x.clone()
+            hidden[:, :, top : top + 16, left : left + 16] = 0
+            expected_occ[:, :, top : top + 16, left : left + 16] = clean - region_score(hidden)
+    got_occ = torchvis.occlusion(model, x, target, window=16, stride=16)
+    torch.testing.assert_close(got_occ, expected_occ, rtol=1e-4, atol=1e-5 * float(expected_occ.abs().max()))
+
+    # Deletion in 4 steps of 1,024 pixels, ranked by |occlusion map| (stable), scored by the callable.
+    order = got_occ.abs().flatten().argsort(descending=True, stable=True)
+    scores = [clean]
+    for k in range(1, 5):
+        deleted = x.clone().flatten(2)
+        deleted[:, :, order[: k * 1024]] = 0
+        scores.append(region_score(deleted.view_as(x)))
+    curve = torch.cat(scores)
+    expected_auc = (curve.sum() - (curve[0] + curve[-1]) / 2) / 4
+    got_auc = torchvis.deletion(model, x, got_occ, target, pixels_per_step=1024)
+    torch.testing.assert_close(got_auc, expected_auc.view(1), rtol=1e-4, atol=1e-6 * float(curve.abs().max()))
 
 
 def test_callable_returning_the_wrong_shape_is_a_clear_error() -> None:
