@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -192,9 +193,53 @@ def test_check_target_rejects_what_no_output_takes(target: object, match: str) -
 
 def test_metrics_are_refused_for_probes_they_do_not_score_yet(tmp_path: Path) -> None:
     model, img, table, mask = two_inputs()
-    with pytest.raises(ValueError, match=r"metrics \(deletion, insertion\) need, for now, one image probe"):
+    with pytest.raises(ValueError, match=r"metrics \(deletion, insertion\) in the monitor need one image"):
         Monitor(model, PNGWriter(tmp_path), (img, table), [0] * B, forward_args=(mask,),
                 methods=("saliency",), metrics=("deletion",))
+
+
+class MaskedImage(nn.Module):
+    """An image classifier whose logits are scaled by a per-example forward argument."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(192, 3))
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        return self.body(x) * scale[:, None]
+
+
+def test_metrics_score_an_image_probe_with_forward_args_and_a_callable_target() -> None:
+    """The streamed deletion/insertion equal the metric functions called with the same maps, the
+    forward argument and the callable target (scored by its own value)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = MaskedImage().eval()
+    g = torch.Generator().manual_seed(1)
+    img, scale = torch.rand(B, 1, 8, 8, generator=g), torch.rand(B, generator=g) + 0.5
+    target = class_logit(1)
+
+    class Scalars:
+        def __init__(self) -> None:
+            self.values: dict[str, float] = {}
+
+        def add_images(self, *args: object) -> None: ...
+        def add_text(self, *args: object) -> None: ...
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.values[tag] = value
+
+    sink = Scalars()
+    log_attributions(sink, model, img, target, methods=("saliency",), step=0, forward_args=(scale,),
+                     metrics=("deletion", "insertion"))
+    sal = torchvis.saliency(model, img, target, forward_args=(scale,))
+    same: dict[str, Any] = {"pixels_per_step": 4, "forward_args": (scale,)}  # 4 = ceil(64 / 20)
+    expected = {
+        "torchvis/deletion/saliency": torchvis.deletion(model, img, sal, target, **same),
+        "torchvis/insertion/saliency": torchvis.insertion(model, img, sal, target, **same),
+    }
+    assert set(expected) <= set(sink.values)
+    for tag, value in expected.items():
+        assert sink.values[tag] == pytest.approx(float(value.mean()), rel=1e-6), tag
 
 
 def test_logging_a_tuple_probe_leaves_the_model_the_inputs_and_the_rng_as_they_were(tmp_path: Path) -> None:

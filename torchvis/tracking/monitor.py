@@ -81,8 +81,8 @@ class Monitor:
     floating ones its dtype, like the probe), and ``feature_names`` for tables; each kind is drawn as
     :func:`~torchvis.tracking.tensorboard.log_attributions` says. ``target`` may be a callable
     ``f(output) -> [B]`` (the text then names it and the score) or a tuple indexing a larger output;
-    ``labels`` may then be ``None``. The deletion/insertion ``metrics`` need, for now, one image probe
-    and a class target.
+    ``labels`` may then be ``None``. The deletion/insertion ``metrics`` need one image probe (any
+    target, with or without forward arguments).
 
     Under DDP, build it on rank 0 only with ``ddp_model.module``. :meth:`close` (or leaving the
     ``with`` block, or normal interpreter exit) flushes the writer; it does not close it, since the

@@ -198,8 +198,10 @@ def log_attributions(
     if logits is not None and y is not None and callable(add_scalar):
         add_scalar(f"{prefix}/probe_accuracy", (predicted == y).float().mean().item(), step)
     if metrics:
+        extra = {"forward_args": inputs.forward_args or None,
+                 "forward_kwargs": dict(inputs.forward_kwargs) or None}
         log_scores(writer, model, x[0], maps, explained, metrics=metrics, step=step, prefix=prefix,
-                   **(metric_options or {}))
+                   **extra, **(metric_options or {}))
     return logged
 
 
@@ -351,15 +353,15 @@ def check_logging(
     return inputs
 
 
-# Deletion and insertion score one image input with class targets for now; lift this line when they
-# take any input (the metrics' own checks then apply).
-_METRICS_REFUSED = ("metrics (deletion, insertion) need, for now, one image probe [B,C,H,W] without "
-                    "forward_args and a class target (None, an int or one per example)")
+# The streamed scores rank a map's pixels: every method must give one map per input of the probe,
+# which the CAMs (one map, over the first input) do only for a single image.
+_METRICS_REFUSED = ("metrics (deletion, insertion) in the monitor need one image probe [B,C,H,W] (any "
+                    "target, forward_args allowed); call torchvis.deletion/insertion directly for "
+                    "other inputs")
 
 
 def _scored(inputs: Inputs, target: Target) -> bool:
-    return (not inputs.was_tuple and inputs.first.dim() == 4 and not inputs.forward_args
-            and not inputs.forward_kwargs and not is_function(target) and not isinstance(target, tuple))
+    return not inputs.was_tuple and inputs.first.dim() == 4
 
 
 def _check_display(x: Tensor, mean: Stats | None, std: Stats | None, name: str) -> None:
