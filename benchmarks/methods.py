@@ -10,6 +10,8 @@ median of the paired ratios with its spread (the lowest and highest ratio of the
   ``samples * B`` noisy inputs, built beforehand, as one batch (``batch_size=samples*B``) and at the
   default batch size in batches of that size;
 - Integrated Gradients (``steps`` nodes): the same floor for its ``steps * B`` path points;
+- both also with the target given (the predicted class, passed in): the call then runs no forward of
+  the clean input to fix it;
 - ``explain`` of Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM and HiResCAM at one layer: one
   ``grad_cam`` call at that layer;
 - Score-CAM: ``model(batch)`` under ``torch.inference_mode()`` over ``K * B`` images, built
@@ -102,6 +104,12 @@ def gradient_family_rows(model: nn.Module, x: Tensor, args: argparse.Namespace) 
         measure(f"smoothgrad samples={n} (default batch {default})", f"the same in batches of {default}",
                 lambda: smoothgrad(model, x, samples=n), input_floor_batches(model, noisy, default), args),
     ]
+    with torch.no_grad():
+        given = model(x).argmax(dim=1)  # the class a caller passes: no clean forward inside the call
+    rows.append(measure(f"smoothgrad samples={n} batch_size={n * batch}, target given",
+                        f"fwd+bwd of {n * batch} inputs, one batch",
+                        lambda: smoothgrad(model, x, given, samples=n, batch_size=n * batch),
+                        input_floor_batches(model, noisy, n * batch), args))
     alphas = torch.rand(steps * batch, 1, 1, 1, generator=torch.Generator().manual_seed(1))
     path = x.repeat(steps, 1, 1, 1) * alphas
     rows += [
@@ -113,6 +121,10 @@ def gradient_family_rows(model: nn.Module, x: Tensor, args: argparse.Namespace) 
                 f"the same in batches of {default}",
                 lambda: integrated_gradients(model, x, steps=steps),
                 input_floor_batches(model, path, default), args),
+        measure(f"integrated_gradients steps={steps} batch_size={steps * batch}, target given",
+                f"fwd+bwd of {steps * batch} inputs, one batch",
+                lambda: integrated_gradients(model, x, given, steps=steps, batch_size=steps * batch),
+                input_floor_batches(model, path, steps * batch), args),
     ]
     return rows
 
@@ -191,6 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--repeats", type=int, default=7, help="paired repeats per row (median)")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per row after 3 repeats")
+    parser.add_argument("--only-gradient", action="store_true", help="SmoothGrad and IG rows only")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
                         help="cpu: this process's CPU seconds (steadier when shared); wall: perf_counter")
     return parser.parse_args(argv)
@@ -209,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"torch {torch.__version__}")
     print(HEADER)
     rows = gradient_family_rows(model, x, args)
-    rows += cam_rows(model, x, args.layer, args)
-    rows += score_cam_rows(model, x[:1], args.layer, args)
+    if not args.only_gradient:
+        rows += cam_rows(model, x, args.layer, args)
+        rows += score_cam_rows(model, x[:1], args.layer, args)
     print(f"median of the ratios: {statistics.median(r.timing.ratio for r in rows):.3f}")
 
 

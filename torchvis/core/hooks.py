@@ -89,6 +89,10 @@ def resolve_layer(model: nn.Module, layer: LayerRef) -> tuple[str, nn.Module]:
         raise ValueError(f"the module {type(layer).__name__} is not a submodule of the model")
     if not isinstance(layer, str):
         raise TypeError(f"a layer is a dotted name or an nn.Module, not {type(layer).__name__}")
+    try:  # the dotted path alone: no walk over every module (this runs on every call of a layer method)
+        return layer, model.get_submodule(layer)
+    except (AttributeError, RuntimeError):  # not a path of submodules; TorchScript modules refuse it
+        pass
     modules = dict(model.named_modules())
     if layer in modules:
         return layer, modules[layer]
