@@ -62,8 +62,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # type: ignore[assignment]
+        elif "_orig_mod" in model._modules:  # a dict lookup: no __getattr__ miss (TorchScript has one too)
+            model = model._modules["_orig_mod"]  # type: ignore[assignment]
         else:
             return model
 
@@ -117,19 +117,27 @@ class Address(NamedTuple):
 _INDEXED = re.compile(r"^(.*)\[(-?\d+)\]$")
 
 
-def address(model: nn.Module, layer: LayerAddress) -> Address:
-    """The :class:`Address` of ``layer``: a name or module (see :func:`resolve_layer`), or one element
-    of its tuple output as ``(name_or_module, index)`` or ``"name[index]"`` (no module name contains
-    brackets, so the string form is unambiguous)."""
+def located(model: nn.Module, layer: LayerAddress) -> tuple[Address, nn.Module]:
+    """The :class:`Address` of ``layer`` and its module: a name or module (see :func:`resolve_layer`),
+    or one element of its tuple output as ``(name_or_module, index)`` or ``"name[index]"`` (no module
+    name contains brackets, so the string form is unambiguous)."""
     if isinstance(layer, tuple):
         if len(layer) != 2 or isinstance(layer[1], bool) or not isinstance(layer[1], int):
             raise TypeError(
                 f"a tuple layer is (name or module, index), e.g. ('encoder.lstm', 0); got {layer!r}"
             )
-        return Address(resolve_layer(model, layer[0])[0], layer[1])
+        name, module = resolve_layer(model, layer[0])
+        return Address(name, layer[1]), module
     if isinstance(layer, str) and (match := _INDEXED.match(layer)):
-        return Address(resolve_layer(model, match[1])[0], int(match[2]))
-    return Address(resolve_layer(model, layer)[0])
+        name, module = resolve_layer(model, match[1])
+        return Address(name, int(match[2])), module
+    name, module = resolve_layer(model, layer)
+    return Address(name), module
+
+
+def address(model: nn.Module, layer: LayerAddress) -> Address:
+    """The :class:`Address` of ``layer`` (see :func:`located`)."""
+    return located(model, layer)[0]
 
 
 @contextmanager
@@ -235,8 +243,7 @@ def capture(model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = 
     The layer passes a copy of its output (or gets a copy of its input), so an in-place op cannot
     corrupt the recorded tensor.
     """
-    addresses = [address(model, one) for one in layers]
-    resolved = [(addr, resolve_layer(model, addr.name)[1]) for addr in addresses]
+    resolved = [located(model, one) for one in layers]
     rec = Recording()
     grad_handles: dict[str, RemovableHandle] = {}
 

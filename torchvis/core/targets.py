@@ -172,7 +172,7 @@ def score_of(output: object, target: Resolved, batch: int) -> Tensor:
     if target.dim() == 1:
         if output.dim() != 2 or output.shape[0] != batch:
             raise ValueError(f"a class target needs an output [B={batch}, classes]; got {list(output.shape)}")
-        return output.gather(1, target[:, None])[:, 0]
+        return output.gather(1, target[:, None]).squeeze(1)  # a view whose backward allocates nothing
     rows = torch.arange(batch, device=output.device)
     return output[(rows,) + tuple(target.unbind(1))]
 

@@ -53,9 +53,12 @@ def cam(activation: Tensor, grad: Tensor, *, relu: bool = True) -> Tensor:
     return heat.clamp_min(0) if relu else heat
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def accumulate(t: Tensor) -> Tensor:
     """``t`` in float32 if it is in a narrower floating type (bf16, fp16); ``t`` itself otherwise."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype in _WIDE else t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def check_feature_map(
