@@ -134,6 +134,37 @@ def test_an_output_indexed_by_a_tuple_logs_the_scores_it_explains(tmp_path: Path
         log_attributions(sink, model, x, (1, 5), step=0, methods=("saliency",), labels=[0] * B)
 
 
+def test_monitor_and_callback_take_a_per_example_index_without_labels(tmp_path: Path) -> None:
+    """An index ``[B, k]`` into a larger output is not a class: no labels are asked for, and the
+    scores logged are the indexed outputs."""
+    from torchvis.tracking.lightning import AttributionCallback
+
+    model = nn.Conv1d(2, 2, 3, padding=1).eval()
+    x = torch.randn(B, 2, 12, generator=torch.Generator().manual_seed(0))
+    index = torch.tensor([[0, 3], [1, 5], [1, 0], [0, 11]])
+    with PNGWriter(tmp_path) as sink:
+        with Monitor(model, sink, x, None, target=index, methods=("saliency",), every=1) as monitor:
+            monitor.step(0)
+    lines = (tmp_path / "torchvis-classes" / "step_000000.md").read_text().splitlines()[2:]
+    expected = model(x)[torch.arange(B), index[:, 0], index[:, 1]].detach().numpy()
+    np.testing.assert_allclose([float(line.split("|")[3]) for line in lines], expected, rtol=1e-3)
+    assert [line.split("|")[2].strip() for line in lines] == [f"output[{tuple(i.tolist())}]" for i in index]
+    AttributionCallback(x, None, target=index, methods=("saliency",))
+    with pytest.raises(ValueError, match="needs the probe's labels"):
+        Monitor(model, PNGWriter(tmp_path / "c"), x, None, target=1, methods=("saliency",))
+
+
+def test_the_callback_keeps_its_own_copy_of_the_forward_arguments() -> None:
+    from torchvis.tracking.lightning import AttributionCallback
+
+    model, img, table, mask = two_inputs()
+    callback = AttributionCallback((img, table), [0] * B, forward_args=(mask,), methods=("saliency",))
+    before = mask.clone()
+    mask.add_(1)
+    kept = callback.kwargs["forward_args"][0]
+    assert kept is not mask and torch.equal(kept, before)
+
+
 @pytest.mark.parametrize("background", [False, True])
 def test_monitor_takes_a_tuple_probe_and_says_once_what_it_cannot_draw(
     tmp_path: Path, background: bool

@@ -50,8 +50,8 @@ from torchvis.methods import METHODS, explain
 from torchvis.methods.cam import EmptyMapWarning
 from torchvis.rendering import image
 from torchvis.rendering.figure import explanation_figure, figure_rgb
+from torchvis.rendering.kinds import display
 from torchvis.tracking.monitor import Monitor
-from torchvis.tracking.tensorboard import input_display
 
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion")
 METRICS = ("deletion", "insertion")  # one scalar per method each, one chart per metric (Custom Scalars)
@@ -234,7 +234,7 @@ def _save_panel(
         mark = "" if predicted == true else "  ✗"
         score = float(p[predicted])
         rows.append(f"true {CLASS_NAMES[true]}\npred {CLASS_NAMES[predicted]} ({score:.2f}){mark}")
-    display = input_display(x, MNIST_MEAN, MNIST_STD).cpu()
-    figure = explanation_figure(display, {k: m.cpu() for k, m in maps.items()}, row_labels=rows,
+    shown = display(x, MNIST_MEAN, MNIST_STD).cpu()
+    figure = explanation_figure(shown, {k: m.cpu() for k, m in maps.items()}, row_labels=rows,
                                 labels=labels, panel=1.3)
     Image.fromarray(figure_rgb(figure)).save(path)

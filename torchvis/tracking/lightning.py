@@ -28,11 +28,18 @@ except ImportError:
 from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
 from torchvis.core.inputs import InputLike, as_inputs
-from torchvis.core.targets import is_function
 from torchvis.methods.spec import Look
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.scores import check_metric_options, check_metrics
-from torchvis.tracking.tensorboard import FeatureNames, Labels, Methods, Stats, check_logging
+from torchvis.tracking.tensorboard import (
+    FeatureNames,
+    Labels,
+    Methods,
+    Stats,
+    check_labels_given,
+    check_logging,
+    moved,
+)
 
 __all__ = ["AttributionCallback"]
 
@@ -94,13 +101,14 @@ class AttributionCallback(pl.Callback):
             raise ValueError(f"every_n_steps must be a positive int or None; got {every_n_steps!r}")
         if every_n_steps is None and not on_validation:
             raise ValueError("with every_n_steps=None and on_validation=False nothing would be logged")
-        if labels is None and not (is_function(target) or isinstance(target, tuple)):
-            raise ValueError("the callback needs the probe's labels (the true classes, shown next to the "
-                             "predictions); pass labels=[B] class indices")
-        # Copies made outside inference_mode are ordinary tensors, which autograd accepts later.
+        check_labels_given(labels, target, "the callback")
+        # Copies made outside inference_mode are ordinary tensors, which autograd accepts later; the
+        # extra arguments are copied too, so that a later in-place change of the user's reaches neither.
         inputs = as_inputs(images, forward_args, forward_kwargs)
-        clones = tuple(t.detach().clone() for t in inputs.tensors)
-        self.images: InputLike = clones if inputs.was_tuple else clones[0]
+        inputs = moved(inputs, inputs.device, copy=True)
+        self.images: InputLike = inputs.tensors if inputs.was_tuple else inputs.first
+        forward_args = inputs.forward_args or None
+        forward_kwargs = dict(inputs.forward_kwargs) or None
         self.labels = labels.detach().clone() if isinstance(labels, Tensor) else labels
         self.every_n_steps, self.on_validation = every_n_steps, on_validation
         check_metric_options(metric_options or {})

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from torchvis.core.forward import Target, as_target
 from torchvis.core.hooks import LayerRef
 from torchvis.core.inputs import InputLike, Inputs
-from torchvis.core.targets import is_function
 from torchvis.methods.spec import Look
 from torchvis.tracking.scores import check_metric_options, check_metrics, scores_layout
 from torchvis.tracking.tensorboard import (
@@ -40,6 +39,7 @@ from torchvis.tracking.tensorboard import (
     Methods,
     Sink,
     Stats,
+    check_labels_given,
     check_logging,
     check_sink,
     check_writable,
@@ -121,9 +121,7 @@ class Monitor:
             raise ValueError(f"every must be a positive int (log every `every` steps); got {every!r}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be a positive int; got {queue_size!r}")
-        if labels is None and not (is_function(target) or isinstance(target, tuple)):
-            raise ValueError("the Monitor needs the probe's labels (the true classes, shown next to the "
-                             "predictions); pass labels=[B] class indices")
+        check_labels_given(labels, target, "the Monitor")
         inputs = check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean,
                                std=std, class_names=class_names, options=options, feature_names=feature_names,
                                metrics=metrics, forward_args=forward_args, forward_kwargs=forward_kwargs)

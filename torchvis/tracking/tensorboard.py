@@ -248,12 +248,14 @@ def moved(
     return Inputs(tuple(to(t, True) for t in inputs.tensors), inputs.was_tuple, args, kwargs)
 
 
-def input_display(x: Tensor, mean: Stats | None, std: Stats | None) -> Tensor:
-    """The inputs [B,C,H,W] as pictures in [0, 1]: denormalised when ``mean`` and ``std`` are given."""
-    if mean is None or std is None:
-        return x
-    c = x.shape[1]
-    return image.denormalize(x, image.per_channel(mean, c, "mean"), image.per_channel(std, c, "std"))
+def check_labels_given(labels: Labels | None, target: Target, who: str) -> None:
+    """``labels`` are needed (the true classes, shown next to the predictions) unless the target is not
+    a class: a callable, a tuple index or a per-example index ``[B, k]`` into a larger output."""
+    t = as_target(target)
+    not_a_class = is_function(t) or isinstance(t, tuple) or (isinstance(t, Tensor) and t.dim() == 2)
+    if labels is None and not not_a_class:
+        raise ValueError(f"{who} needs the probe's labels (the true classes, shown next to the "
+                         "predictions); pass labels=[B] class indices")
 
 
 def classes_text(
@@ -287,14 +289,17 @@ def classes_text(
 def scores_text(target: Any, scores: Sequence[float]) -> str:
     """A markdown table of the explained score per example, for a model whose output is not
     ``[B, classes]`` (a callable target, an index into a larger output, one score per example)."""
-    if is_function(target):
-        what = f"target: {target_name(target)}"
-    elif target is None:
-        what = "output"
-    else:
-        what = f"output[{target!r}]"
+    def what(example: int) -> str:
+        if is_function(target):
+            return f"target: {target_name(target)}"
+        if target is None:
+            return "output"
+        if isinstance(target, Tensor) and target.dim() == 2:  # one index per example
+            return f"output[{tuple(int(i) for i in target[example])}]"
+        return f"output[{target!r}]"
+
     lines = ["| # | explained | score |", "|---|---|---|"]
-    lines += [f"| {i} | {what} | {s:.4g} |" for i, s in enumerate(scores)]
+    lines += [f"| {i} | {what(i)} | {s:.4g} |" for i, s in enumerate(scores)]
     return "\n".join(lines)
 
 
@@ -329,7 +334,7 @@ def check_logging(
     inputs = as_inputs(images, forward_args, forward_kwargs)
     batch = inputs.batch
     check_target(target, batch)
-    if metrics and not _scored(inputs, target):
+    if metrics and (inputs.was_tuple or inputs.first.dim() != 4):
         raise ValueError(_METRICS_REFUSED)
     kinds.feature_names_per_input(feature_names, inputs.tensors)
     if labels is not None:
@@ -358,10 +363,6 @@ def check_logging(
 _METRICS_REFUSED = ("metrics (deletion, insertion) in the monitor need one image probe [B,C,H,W] (any "
                     "target, forward_args allowed); call torchvis.deletion/insertion directly for "
                     "other inputs")
-
-
-def _scored(inputs: Inputs, target: Target) -> bool:
-    return not inputs.was_tuple and inputs.first.dim() == 4
 
 
 def _check_display(x: Tensor, mean: Stats | None, std: Stats | None, name: str) -> None:
