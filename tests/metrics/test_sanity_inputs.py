@@ -118,3 +118,39 @@ def test_the_figure_captions_read_each_inputs_row(randn: Randn) -> None:
     for i in (0, 1):
         rho = result.row("saliency", "conv", input=i).spearman_abs
         assert grid[2 * i + 1].get_title() == f"conv\nρ|·|={rho:+.2f}"
+
+
+class PairOut(nn.Module):
+    """A block returning a tuple (its rectified map and the raw one), as an LSTM returns two things."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raw = self.conv(x)
+        return raw.relu(), raw
+
+
+class WithPair(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pair = PairOut()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pair(x)[0].mean(dim=(2, 3)))
+
+
+def test_a_tuple_element_layer_is_addressed_in_every_spelling(randn: Randn) -> None:
+    """``("pair", 0)``, ``(module, 0)`` and ``"pair[0]"`` name the same element in the model and its
+    randomised copies; a list of them keys each layer."""
+    model, x = seeded(1, WithPair), randn(2, 3, 2, 6, 6)
+    results = [torchvis.sanity_check(model, x, ["grad_cam"], layer=layer, layers=["head"])
+               for layer in (("pair", 0), (model.pair, 0), "pair[0]")]
+    for result in results:
+        torch.testing.assert_close(result.maps["grad_cam"][0], results[2].maps["grad_cam"][0], rtol=0, atol=0)
+        assert [row.spearman_abs for row in result.rows] == [row.spearman_abs for row in results[2].rows]
+    both = [(model.pair, 0), "pair.conv"]
+    many = torchvis.sanity_check(model, x, ["grad_cam"], layer=both, layers=["head"])
+    assert sorted({row.method for row in many.rows}) == ["grad_cam/pair.conv", "grad_cam/pair[0]"]

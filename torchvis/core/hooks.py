@@ -135,6 +135,13 @@ def located(model: nn.Module, layer: LayerAddress) -> tuple[Address, nn.Module]:
     return Address(name), module
 
 
+def is_element(layer: object) -> bool:
+    """Whether ``layer`` is ``(layer, index)`` — one element of a layer's tuple output — rather than a
+    tuple of several layers."""
+    return (isinstance(layer, tuple) and len(layer) == 2 and isinstance(layer[1], int)
+            and not isinstance(layer[1], bool))
+
+
 def address(model: nn.Module, layer: LayerAddress) -> Address:
     """The :class:`Address` of ``layer`` (see :func:`located`)."""
     return located(model, layer)[0]

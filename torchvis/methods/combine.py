@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from torchvis.core.hooks import LayerAddress, address
+from torchvis.core.hooks import LayerAddress, address, is_element
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
@@ -81,7 +81,7 @@ def explain_batch(
         refused = [key for key in extra if not spec.shared and key not in spec.parameters]
         if refused:
             raise TypeError(f"method {spec.name!r} takes no {' or '.join(refused)}; it cannot run this model")
-    many = isinstance(layer, list) or (isinstance(layer, tuple) and not _indexed(layer))
+    many = isinstance(layer, list) or (isinstance(layer, tuple) and not is_element(layer))
     layers: list[LayerAddress | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
 
@@ -158,7 +158,3 @@ def layer_key(method: str, layer: str | None, many: bool) -> str:
 def _layer_name(model: Model, layer: LayerAddress | None) -> str:
     return "auto" if layer is None else address(check_module(model, "a layer method"), layer).key
 
-
-def _indexed(layer: tuple[object, ...]) -> bool:
-    """``(layer, index)``: one layer's tuple element, not a tuple of layers."""
-    return len(layer) == 2 and isinstance(layer[1], int) and not isinstance(layer[1], bool)

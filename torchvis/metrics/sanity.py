@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from torchvis.core.forward import check_finite, guarded
-from torchvis.core.hooks import LayerRef, resolve_layer
+from torchvis.core.hooks import LayerRef, address, is_element, resolve_layer
 from torchvis.core.inputs import InputLike, as_inputs
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of
 from torchvis.methods.cam import EmptyMapWarning
@@ -210,14 +210,17 @@ def _layer_names(model: nn.Module, layers: Sequence[LayerRef] | None) -> list[st
 
 
 def _layer_option_by_name(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
-    """Modules given as ``layer=`` are turned into names, which also address them in the copy."""
+    """Layers given as modules (or ``(module, index)``) are turned into their keys (``"name"``,
+    ``"name[index]"``), which also address them in the copy; a list of layers stays a list."""
     layer = options.get("layer")
-    if isinstance(layer, nn.Module):
-        return {**options, "layer": resolve_layer(model, layer)[0]}
-    if isinstance(layer, (list, tuple)):
-        named = [resolve_layer(model, one)[0] if isinstance(one, nn.Module) else one for one in layer]
-        return {**options, "layer": named}
-    return options
+    if layer is None or isinstance(layer, str):
+        return options
+
+    def key(one: Any) -> Any:
+        return one if one is None or isinstance(one, str) else address(model, one).key
+
+    many = isinstance(layer, list) or (isinstance(layer, tuple) and not is_element(layer))
+    return {**options, "layer": [key(one) for one in layer] if many else key(layer)}
 
 
 def _generator(
