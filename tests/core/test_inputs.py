@@ -178,3 +178,15 @@ def test_bad_input_is_refused_before_the_model_runs(
     assert model.calls == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_explain_refuses_a_plain_function_for_guided_backprop_before_any_pass() -> None:
+    calls: list[int] = []
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x.flatten(1)[:, :3]
+
+    with pytest.raises(TypeError, match="guided backprop needs an nn.Module"):
+        torchvis.explain(model, torch.rand(2, 4), methods=["saliency", "guided_backprop"])
+    assert calls == []

@@ -350,3 +350,43 @@ def test_guided_backprop_is_silent_for_relu_models(
         warnings.simplefilter("error")
         guided_backprop(small_cnn(0), randn(0, 2, 3, 8, 8), 0)
         guided_grad_cam(small_cnn(0), randn(0, 2, 3, 8, 8), 0, layer="conv3")
+
+
+class Pattern(nn.Module):
+    """A fixed spatial map (a buffer), the same for every input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("pattern", torch.linspace(0, 1, 4 * 36).view(1, 4, 6, 6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pattern.expand(x.shape[0], -1, -1, -1)
+
+
+class ConstantTail(nn.Module):
+    """A conv whose output feeds the head, then a module whose spatial output does not depend on the
+    input: the last spatial map of a forward without gradients, not of one with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bias_map = Pattern()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.conv(x).relu()
+        return self.head((a + self.bias_map(x)).mean(dim=(2, 3)))
+
+
+def test_explain_runs_every_layer_method_at_the_layer_its_key_names() -> None:
+    """With layer=None the shared pass picks the layer; a method that runs itself (Score-CAM) gets that
+    layer by name, not its own pick, so ``score_cam/<layer>`` is Score-CAM at that layer."""
+    torch.manual_seed(0)
+    model = ConstantTail().eval()
+    x = torch.rand(2, 3, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = explain(model, x, methods=["grad_cam", "score_cam"], layer=[None])
+        alone = torchvis.score_cam(model, x, layer="conv")
+    assert sorted(got) == ["grad_cam/conv", "score_cam/conv"]
+    torch.testing.assert_close(got["score_cam/conv"], alone, rtol=0, atol=0)

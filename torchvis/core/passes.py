@@ -195,6 +195,8 @@ def shared_passes(
     :func:`gradient_pass`.
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
+    if guided:  # refused before the plain pass runs, not after it
+        check_module(model, "guided backprop")
     plain = guided_result = None
     if input_grad or layers:
         plain = gradient_pass(model, inputs, target, layers=layers, input_grad=input_grad,

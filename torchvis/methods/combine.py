@@ -118,9 +118,17 @@ def explain_batch(
         if not spec.takes_layer:
             results[spec.name] = spec.function(model, x, target, **kwargs)
             continue
+        picked = names is not None  # the shared pass resolved the layers (layer=None included)
         names = names or [_layer_name(model, ref) for ref in layers]
         for ref, name in zip(layers, names, strict=True):
-            results[layer_key(spec.name, name, many)] = spec.function(model, x, target, layer=ref, **kwargs)
+            layer_kwargs = kwargs
+            if picked and ref is None:  # the layer the pass picked, so that the key says what was used
+                layer_kwargs = dict(kwargs, layer=name)
+                if "reshape" in spec.options:
+                    layer_kwargs["reshape"] = default_reshape(model, None, kwargs.get("reshape"))
+            else:
+                layer_kwargs = dict(kwargs, layer=ref)
+            results[layer_key(spec.name, name, many)] = spec.function(model, x, target, **layer_kwargs)
     maps = {key: results[key] for spec in specs for key in results if key.split("/")[0] == spec.name}
     return Explained(maps, logits)
 
