@@ -4,6 +4,7 @@ functions as the model; hook methods refuse plain functions; CAMs take tuples an
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -99,8 +100,8 @@ def test_integrated_gradients_with_a_baseline_per_input() -> None:
 
 @pytest.mark.parametrize(
     "baseline, error, match",
-    [((0.0,), ValueError, "1 entries for 2 inputs"), ([0.0, 0.0], TypeError, "a tuple, not a list"),
-     (torch.zeros(1, 3, 4, 4), ValueError, "give the baselines as a tuple"),
+    [((0.0,), TypeError, "1 entries for 2 inputs"), ([0.0, 0.0], TypeError, "a tuple, not a list"),
+     (torch.zeros(1, 3, 4, 4), TypeError, "give the baselines as a tuple"),
      ((0.0, torch.zeros(2, 5)), ValueError, r"does not broadcast to x\[1\]'s shape \[3, 5\]"),
      ((0.0, "zero"), TypeError, "number or a tensor")],
 )
@@ -290,3 +291,22 @@ def test_explain_on_two_inputs_with_forward_args() -> None:
         for mine, theirs in zip(got[name], alone, strict=True):
             torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
     torch.testing.assert_close(got["grad_cam"], torchvis.grad_cam(model, x, [0, 2], layer="relu", **extra))
+
+
+@pytest.mark.parametrize("method", ["integrated_gradients", "occlusion"])
+def test_baselines_mean_the_same_to_every_method(method: str) -> None:
+    """One reading of ``baseline`` (core.inputs.fills): a 0-d tensor is a number, a list or a tensor for
+    a tuple of inputs is refused, NaN is refused."""
+    module, _, xs = linear_case("two-input")
+    x = tuple(xs)
+    options: dict[str, Any] = {"window": 1} if method == "occlusion" else {}
+    run = METHODS[method]
+    as_number = run(module, x, 0, baseline=0.5, **options)
+    as_tensor = run(module, x, 0, baseline=torch.tensor(0.5, dtype=xs[0].dtype), **options)
+    for a, b in zip(as_number, as_tensor, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    bad_ones = (([0.0, 0.0], "a tuple, not a list"), (torch.zeros(3, 4), "give the baselines as a tuple"),
+                ((0.0, math.nan), "NaN or Inf"))
+    for bad, match in bad_ones:
+        with pytest.raises((TypeError, ValueError), match=match):
+            run(module, x, 0, baseline=bad, **options)

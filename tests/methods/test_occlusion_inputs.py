@@ -231,7 +231,7 @@ class Untouchable(nn.Module):
         ("two", ((2, 2), 2), (1, 3), 0.0, ValueError, r"stride \(3,\) larger than the window \(2,\)"),
         ("two", 2, None, torch.zeros(4), TypeError, r"one per input"),
         ("two", 2, None, (0.0, torch.zeros(5)), ValueError, r"baseline\[1\] of shape \[5\] does not"),
-        ("two", 2, None, (0.0,), TypeError, r"one per input \(2\)"),
+        ("two", 2, None, (0.0,), TypeError, r"one per input; got 1 entries for 2 inputs"),
         ("tab", 2, None, "zero", TypeError, r"baseline must be a number or a tensor"),
         ("sig", 3, 0, 0.0, ValueError, r"stride must be positive"),
     ],

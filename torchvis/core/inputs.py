@@ -19,6 +19,7 @@ the same values either way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,3 +185,61 @@ def check_module(model: object, method: str) -> nn.Module:
             "occlusion"
         )
     return model
+
+
+# A value given per input: occlusion's and integrated gradients' baselines, deletion's baseline,
+# insertion's start. One for every input, or for a tuple ``x`` a tuple with one per input.
+Fill = float | Tensor
+PerInput = Fill | tuple[Fill, ...]
+
+
+def per_input(value: Any, inputs: Inputs, what: str) -> list[tuple[Any, str]]:
+    """``value`` for each input with its name for messages (``"baseline"``, ``"baseline[1]"``): one
+    value for all, or for a tuple ``x`` a tuple with one per input. A tensor of more than 0 dimensions
+    for a tuple of inputs is ambiguous (which input does it fit?) and refused; so is a list."""
+    count = len(inputs.tensors)
+    if isinstance(value, list):
+        raise TypeError(f"one {what} per input is a tuple, not a list: {what}=(0.0, meta_mean)")
+    if not inputs.was_tuple:
+        return [(value, what)]
+    if isinstance(value, tuple):
+        if len(value) != count:
+            raise TypeError(f"x is a tuple of {count} inputs: {what} must be one per input; got {len(value)} "
+                            f"entries for {count} inputs")
+        return [(v, f"{what}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Tensor) and value.dim() > 0 and count > 1:
+        raise TypeError(f"x is a tuple of {count} inputs: pass {what} as a number or one per input, "
+                        f"{what}=(b0, b1, ...); give the baselines as a tuple")
+    return [(value, f"{what}[{i}]") for i in range(count)]
+
+
+def fill_like(value: Any, x: Tensor, what: str, name: str = "x") -> Tensor:
+    """A number or a tensor broadcastable to ``x`` (called ``name`` in messages), in ``x``'s dtype and
+    device, expanded to its shape; NaN or Inf is an error. A number becomes a device tensor through a
+    fill kernel: a copy from the host would wait for the GPU."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{what} must be a number or a tensor broadcastable to the input; got "
+                        f"{type(value).__name__}")
+    if isinstance(value, Tensor):
+        t = value.detach().to(dtype=x.dtype, device=x.device)
+        finite = bool(torch.isfinite(t).all())
+    else:
+        t, finite = torch.full((), value, dtype=x.dtype, device=x.device), math.isfinite(value)
+    try:
+        shape = torch.broadcast_shapes(t.shape, x.shape)
+    except RuntimeError:
+        shape = None
+    if shape != x.shape:
+        raise ValueError(
+            f"{what} of shape {list(t.shape)} does not broadcast to {name}'s shape {list(x.shape)}"
+        )
+    if not finite:
+        raise ValueError(f"{what} contains NaN or Inf")
+    return t.expand_as(x)
+
+
+def fills(value: PerInput, inputs: Inputs, what: str = "baseline") -> list[Tensor]:
+    """:func:`per_input` then :func:`fill_like`: each input's value expanded to its shape."""
+    named = per_input(value, inputs, what)
+    return [fill_like(v, t, name, f"x[{i}]" if inputs.was_tuple else "x")
+            for i, ((v, name), t) in enumerate(zip(named, inputs.tensors, strict=True))]

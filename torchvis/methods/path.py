@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model
+from torchvis.core.inputs import InputLike, Inputs, Model, PerInput, as_inputs, check_model, fills
 from torchvis.core.passes import gradient_pass, target_pass
 from torchvis.core.targets import Target, given_target, take_target
 from torchvis.methods.perturbation import default_batch_size
@@ -49,45 +49,6 @@ def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
     return [(k + shift) / n for k in range(n)], [1 / n] * n
 
 
-Baseline = float | Tensor | tuple[float | Tensor, ...]
-
-
-def _baseline_like(baseline: float | Tensor, x: Tensor, name: str = "x") -> Tensor:
-    """``baseline`` as a tensor of ``x``'s dtype and device, expanded to ``x``'s shape."""
-    if isinstance(baseline, bool) or not isinstance(baseline, (int, float, Tensor)):
-        raise TypeError(f"baseline must be a number or a tensor; got {type(baseline).__name__}")
-    b = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
-    try:
-        shape = torch.broadcast_shapes(b.shape, x.shape)
-    except RuntimeError:
-        shape = None
-    if shape != x.shape:
-        raise ValueError(
-            f"baseline of shape {list(b.shape)} does not broadcast to {name}'s shape {list(x.shape)}"
-        )
-    return b.expand_as(x)
-
-
-def baselines_for(baseline: Baseline, inputs: Inputs) -> list[Tensor]:
-    """One baseline per input, each expanded to its input's shape: a number for every input, a tensor
-    broadcastable to ``x`` (one input), or a tuple with one number or tensor per input."""
-    many = len(inputs.tensors) > 1 or inputs.was_tuple
-    if isinstance(baseline, list):
-        raise TypeError("one baseline per input is a tuple, not a list: baseline=(0.0, meta_mean)")
-    if isinstance(baseline, tuple):
-        if len(baseline) != len(inputs.tensors):
-            raise ValueError(f"baseline has {len(baseline)} entries for {len(inputs.tensors)} inputs; give "
-                             "one per input (or one number for all)")
-        parts: tuple[Any, ...] = baseline
-    elif isinstance(baseline, Tensor) and many and baseline.dim() > 0:
-        raise ValueError("x is a tuple of inputs: give the baselines as a tuple, one per input (a tensor or "
-                         "a number each), or one number for all")
-    else:
-        parts = (baseline,) * len(inputs.tensors)
-    return [_baseline_like(b, t.detach(), f"x[{i}]" if many else "x")
-            for i, (b, t) in enumerate(zip(parts, inputs.tensors, strict=True))]
-
-
 def batch_size_for(inputs: Inputs, batch_size: int | None) -> int:
     """``batch_size`` checked, or :func:`~torchvis.methods.perturbation.default_batch_size`'s default
     for one example of all the inputs together."""
@@ -103,7 +64,7 @@ def batch_size_for(inputs: Inputs, batch_size: int | None) -> int:
 
 @overload
 def integrated_gradients(
-    model: Model, x: Tensor, target: Target = ..., *, baseline: Baseline = ..., steps: int = ...,
+    model: Model, x: Tensor, target: Target = ..., *, baseline: PerInput = ..., steps: int = ...,
     rule: str = ..., batch_size: int | None = ..., return_delta: Literal[False] = ..., eval_mode: bool = ...,
     forward_args: Any = ..., forward_kwargs: Mapping[str, Any] | None = ...,
 ) -> Tensor: ...
@@ -111,7 +72,7 @@ def integrated_gradients(
 
 @overload
 def integrated_gradients(
-    model: Model, x: tuple[Tensor, ...], target: Target = ..., *, baseline: Baseline = ..., steps: int = ...,
+    model: Model, x: tuple[Tensor, ...], target: Target = ..., *, baseline: PerInput = ..., steps: int = ...,
     rule: str = ..., batch_size: int | None = ..., return_delta: Literal[False] = ..., eval_mode: bool = ...,
     forward_args: Any = ..., forward_kwargs: Mapping[str, Any] | None = ...,
 ) -> tuple[Tensor, ...]: ...
@@ -119,7 +80,7 @@ def integrated_gradients(
 
 @overload
 def integrated_gradients(
-    model: Model, x: InputLike, target: Target = ..., *, baseline: Baseline = ..., steps: int = ...,
+    model: Model, x: InputLike, target: Target = ..., *, baseline: PerInput = ..., steps: int = ...,
     rule: str = ..., batch_size: int | None = ..., return_delta: Literal[True], eval_mode: bool = ...,
     forward_args: Any = ..., forward_kwargs: Mapping[str, Any] | None = ...,
 ) -> tuple[InputLike, Tensor]: ...
@@ -130,7 +91,7 @@ def integrated_gradients(
     x: InputLike,
     target: Target = None,
     *,
-    baseline: Baseline = 0.0,
+    baseline: PerInput = 0.0,
     steps: int = 50,
     rule: str = "gausslegendre",
     batch_size: int | None = None,
@@ -161,7 +122,7 @@ def integrated_gradients(
     nodes, weights = quadrature(rule, steps)
     batch_size = batch_size_for(inputs, batch_size)
     xs = [t.detach() for t in inputs.tensors]
-    starts = baselines_for(baseline, inputs)
+    starts = fills(baseline, inputs)
     # One forward pass of x (and of the baseline, for the gap) resolves the target for every step; a
     # given target needs none unless the gap is asked for.
     targets = None if return_delta else given_target(target, inputs.batch)

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from torchvis.core.forward import check_finite, guarded
-from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model
+from torchvis.core.inputs import InputLike, Inputs, Model, PerInput, as_inputs, check_model, fills
 from torchvis.core.targets import Resolved, Target, resolve_target, score_of, take_target
 from torchvis.methods import incremental_occlusion as inc
 from torchvis.methods.spec import Look, Need, register
@@ -50,9 +50,6 @@ def default_batch_size(x: InputLike) -> int:
     return max(1, min(64, _CPU_BATCH_VALUES // sum(t[0].numel() for t in tensors)))
 
 
-Baseline = float | Tensor | tuple[float | Tensor, ...]
-
-
 def occlusion(
     model: Model,
     x: InputLike,
@@ -60,7 +57,7 @@ def occlusion(
     *,
     window: Any,
     stride: Any = None,
-    baseline: Baseline = 0.0,
+    baseline: PerInput = 0.0,
     batch_size: int | None = None,
     progress: bool = False,
     eval_mode: bool = True,
@@ -112,7 +109,7 @@ def occlusion(
     check_model(model)
     batch = inputs.batch
     layout = grids([tuple(t.shape[1:]) for t in inputs.tensors], inputs.was_tuple, window, stride)
-    fills = _fills(baseline, inputs)
+    baselines = fills(baseline, inputs)
     if batch_size is None:
         batch_size = default_batch_size(inputs.tensors)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -127,13 +124,13 @@ def occlusion(
         if unsuited:
             log.debug("occlusion: naive, the incremental engine does not apply: %s", unsuited)
         else:
-            engine, out = _engine(model, first, fills[0], layout[0], incremental)  # type: ignore[arg-type]
+            engine, out = _engine(model, first, baselines[0], layout[0], incremental)  # type: ignore[arg-type]
         # A model may change its input in place.
         output = inputs.call(model, [t.clone() for t in inputs.tensors]) if out is None else out
         t = resolve_target(target, output, batch)
         clean = score_of(output, t, batch)
         check_finite(output if isinstance(output, Tensor) else clean)
-        drops = [_drops(model, inputs, i, grid, fills[i], t, clean, engine, batch_size, progress)
+        drops = [_drops(model, inputs, i, grid, baselines[i], t, clean, engine, batch_size, progress)
                  for i, grid in enumerate(layout)]
         # An occluded input may overflow where the clean one did not.
         check_finite(output if isinstance(output, Tensor) else clean, *drops,
@@ -185,41 +182,6 @@ def _drops(
             out = inputs.call(model, tensors, rows=examples)
         drops[lo:hi] = clean[examples] - score_of(out, take_target(target, examples), hi - lo)
     return drops
-
-
-def _fills(baseline: Baseline, inputs: Inputs) -> list[Tensor]:
-    """Each input's baseline expanded to its shape; checked before any work."""
-    count = len(inputs.tensors)
-    if isinstance(baseline, (tuple, list)):
-        if not inputs.was_tuple or len(baseline) != count:
-            raise TypeError(
-                f"baseline must be a number or a tensor, or for a tuple x one per input ({count}); got a "
-                f"{type(baseline).__name__} of {len(baseline)}"
-            )
-        values = list(baseline)
-    elif isinstance(baseline, Tensor) and inputs.was_tuple and count > 1:
-        raise TypeError(f"x is a tuple of {count} inputs: pass baseline as a number or one per input, "
-                        "baseline=(b0, b1, ...)")
-    else:
-        values = [baseline] * count
-    fills = []
-    for i, (value, x) in enumerate(zip(values, inputs.tensors, strict=True)):
-        name = f"baseline[{i}]" if inputs.was_tuple else "baseline"
-        # A number becomes a device tensor through a fill kernel: a copy from the host would wait for
-        # the GPU.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            fill = torch.full((), value, dtype=x.dtype, device=x.device)
-        elif isinstance(value, Tensor):
-            fill = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-        else:
-            raise TypeError(f"{name} must be a number or a tensor broadcastable to the input; got "
-                            f"{type(value).__name__}")
-        try:
-            fills.append(fill.expand_as(x))
-        except RuntimeError as err:
-            raise ValueError(f"{name} of shape {list(fill.shape)} does not broadcast to the input "
-                             f"{list(x.shape)}") from err
-    return fills
 
 
 def _why_not_incremental(model: Model, inputs: Inputs, grid: Grid) -> str:

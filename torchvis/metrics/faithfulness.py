@@ -30,7 +30,7 @@ from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
 from torchvis.core.forward import check_finite, checked_logits, guarded
-from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model
+from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, fill_like, fills, per_input
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of, take_target
 from torchvis.methods.cam import EmptyMapWarning
 
@@ -131,36 +131,6 @@ def default_batch_size(x: InputLike) -> int:
     return max(1, min(128, _CPU_BATCH_VALUES // sum(t[0].numel() for t in tensors)))
 
 
-def _fill(value: float | Tensor, x: Tensor, what: str) -> Tensor:
-    """A number or a tensor broadcastable to ``x``, as ``x``'s dtype and device, expanded to its shape."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise TypeError(f"{what} must be a number or a tensor broadcastable to x; got {type(value).__name__}")
-    t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-    try:
-        t = t.expand_as(x)
-    except RuntimeError as err:
-        raise ValueError(f"{what} of shape {list(t.shape)} does not broadcast to x {list(x.shape)}") from err
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{what} contains NaN or Inf")
-    return t
-
-
-def _per_input(value: Any, inputs: Inputs, what: str) -> list[tuple[Any, str]]:
-    """``value`` for each input with its name for messages: a tuple ``x`` takes one per input (a
-    tuple) or a number (or string) for all."""
-    count = len(inputs.tensors)
-    if not inputs.was_tuple:
-        return [(value, what)]
-    if isinstance(value, (tuple, list)):
-        if len(value) != count:
-            raise TypeError(f"x is a tuple of {count} inputs: {what} must be one per input; got {len(value)}")
-        return [(v, f"{what}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Tensor) and count > 1:
-        raise TypeError(f"x is a tuple of {count} inputs: pass {what} as a number or one per input, "
-                        f"{what}=(b0, b1, ...)")
-    return [(value, f"{what}[{i}]") for i in range(count)]
-
-
 def _inputs(x: object, forward_args: object, forward_kwargs: Mapping[str, Any] | None) -> Inputs:
     if not isinstance(x, (Tensor, tuple)):
         raise TypeError(f"x must be a torch.Tensor [B, ...] (an image [B,C,H,W]) or a tuple of them, not "
@@ -217,8 +187,7 @@ def deletion(
     """
     inputs = _inputs(x, forward_args, forward_kwargs)
     maps = _maps(attributions, inputs)
-    ends = [_fill(value, t, what) for (value, what), t in zip(_per_input(baseline, inputs, "baseline"),
-                                                               inputs.tensors, strict=True)]
+    ends = fills(baseline, inputs, "baseline")
     return _curves(model, inputs, maps, target, start=list(inputs.tensors), end=ends,
                    pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)
 
@@ -259,7 +228,7 @@ def insertion(
     inputs = _inputs(x, forward_args, forward_kwargs)
     maps = _maps(attributions, inputs)
     begins = []
-    for i, ((value, what), t) in enumerate(zip(_per_input(start, inputs, "start"), inputs.tensors,
+    for i, ((value, what), t) in enumerate(zip(per_input(start, inputs, "start"), inputs.tensors,
                                                strict=True)):
         if isinstance(value, str):
             if value != "blur":
@@ -272,7 +241,7 @@ def insertion(
                 )
             begins.append(blurred(t))
         else:
-            begins.append(_fill(value, t, what))
+            begins.append(fill_like(value, t, what, f"x[{i}]" if inputs.was_tuple else "x"))
     return _curves(model, inputs, maps, target, start=begins, end=list(inputs.tensors),
                    pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)
 
