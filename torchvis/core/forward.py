@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from torchvis.core import hooks
 from torchvis.core.lease import held
-from torchvis.core.targets import Resolved, Target, as_target, resolve_target, score_of
+from torchvis.core.targets import Target, as_target, resolve_target
 
 __all__ = [
     "Target",
@@ -31,7 +31,6 @@ __all__ = [
     "check_finite",
     "check_input",
     "checked_logits",
-    "class_score",
     "grad_leaf",
     "guarded",
     "resolve_target",
@@ -141,9 +140,3 @@ def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of th
     raise ValueError(
         f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
     )
-
-
-def class_score(output: object, target: Resolved, batch: int) -> Tensor:
-    """Sum over the batch of each example's explained score (:func:`score_of`); examples do not
-    interact in eval mode, so its gradient holds every example's own gradient."""
-    return score_of(output, target, batch).sum()

@@ -68,10 +68,6 @@ class Inputs:
         args, kwargs = (self.forward_args, self.forward_kwargs) if rows is None else self._taken(rows)
         return model(*(self.tensors if tensors is None else tensors), *args, **kwargs)
 
-    def replaced(self, tensors: Sequence[Tensor]) -> Inputs:
-        """The same call with other attributed tensors (same ``B``)."""
-        return Inputs(tuple(tensors), self.was_tuple, self.forward_args, self.forward_kwargs)
-
     def take(self, rows: Tensor, tensors: Sequence[Tensor] | None = None) -> Inputs:
         """Inputs for a batch whose row ``i`` belongs to example ``rows[i]``: the attributed tensors are
         ``tensors`` (default: the inputs' rows), per-example extra arguments their rows."""
@@ -162,10 +158,6 @@ def as_inputs(
                 "dimension 1); torchvis could not match its rows to the examples"
             )
     return Inputs(tuple(tensors), was_tuple, args, dict(forward_kwargs))
-
-
-def is_module(model: object) -> bool:
-    return isinstance(model, nn.Module)
 
 
 def check_model(model: object) -> None:

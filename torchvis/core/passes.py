@@ -210,7 +210,7 @@ def shared_passes(
         raise ValueError("shared_passes needs input_grad, layers or guided")
     base = Shared(
         inputs=inputs,
-        target=(plain or guided_result).target,  # type: ignore[union-attr]
+        target=target,  # type: ignore[arg-type]  # resolved by the pass that ran
         logits=(plain or guided_result).logits,  # type: ignore[union-attr]
         input_grads=plain.input_grads if plain is not None else None,
         guided_grads=guided_result.input_grads if guided_result is not None else None,

@@ -210,14 +210,6 @@ def given_target(target: Target, batch: int) -> Any:
     return None
 
 
-def class_labels(target: Resolved) -> list[int] | None:
-    """The class per example when ``target`` is a class index ``[B]``; ``None`` otherwise (a callable,
-    or an index into a larger output)."""
-    if isinstance(target, Tensor) and target.dim() == 1:
-        return [int(c) for c in target.tolist()]
-    return None
-
-
 # Ready-made score functions.
 
 

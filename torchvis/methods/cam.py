@@ -159,7 +159,6 @@ def upsample_to(heat: Tensor, x: Tensor, upsample: Upsample = True) -> Tensor:
 def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: Upsample) -> Tensor:
     """Rectify (unless ``relu=False``) a CAM heat ``[B,1,*spatial]`` and bring it to ``x``'s dtype and,
     unless ``upsample`` is ``None``/``False``, to its spatial shape."""
-    interpolation(upsample, x.dim() - 2)  # a bad value fails even where no resize is needed
     heat = (heat.clamp_min(0) if relu else heat).to(x.dtype)
     return upsample_to(heat, x, upsample)
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_model, check_module
 from torchvis.core.passes import target_pass
 from torchvis.core.targets import Target, given_target, take_target
-from torchvis.methods.path import batch_size_for
+from torchvis.methods.perturbation import batch_size_for
 from torchvis.methods.spec import Look, MethodSpec, Need, register, spec_of
 
 _OWN_ARGUMENTS = ("model", "x", "target")
@@ -134,7 +134,7 @@ def _smoothed(
         taken = inputs.take(rows, noisy)
         expanded = {"forward_args": taken.forward_args, "forward_kwargs": taken.forward_kwargs}
         extra = {key: expanded[key] for key in extra}
-        result = spec.function(model, inputs.pack(noisy) if inputs.was_tuple else noisy[0],
+        result = spec.function(model, inputs.pack(noisy),
                                take_target(resolved, rows), **options, **extra)
         single = not isinstance(result, tuple)
         maps = (result,) if single else result

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from torchvis.core.inputs import InputLike, Inputs, Model, PerInput, as_inputs, check_model, fills
+from torchvis.core.inputs import InputLike, Model, PerInput, as_inputs, check_model, fills
 from torchvis.core.passes import gradient_pass, target_pass
 from torchvis.core.targets import Target, given_target, take_target
-from torchvis.methods.perturbation import default_batch_size
+from torchvis.methods.perturbation import batch_size_for
 from torchvis.methods.spec import Look, Need, register
 
 Rule = Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]
@@ -47,19 +47,6 @@ def quadrature(rule: str, steps: int) -> tuple[list[float], list[float]]:
         return [k / (n - 1) for k in range(n)], weights
     shift = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}[rule]
     return [(k + shift) / n for k in range(n)], [1 / n] * n
-
-
-def batch_size_for(inputs: Inputs, batch_size: int | None) -> int:
-    """``batch_size`` checked, or :func:`~torchvis.methods.perturbation.default_batch_size`'s default
-    for one example of all the inputs together."""
-    if batch_size is None:
-        if len(inputs.tensors) == 1:
-            return default_batch_size(inputs.first)
-        values = sum(t[0].numel() for t in inputs.tensors)
-        return default_batch_size(inputs.first.new_empty(()).expand(1, values))  # no memory: only its size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
-    return batch_size
 
 
 @overload
@@ -133,18 +120,18 @@ def integrated_gradients(
     paths = [t - start for t, start in zip(xs, starts, strict=True)]
     totals = [torch.zeros_like(t) for t in xs]
     # Flat index k = step * B + example: a batch holds consecutive steps of consecutive examples.
+    # The quadrature's nodes and weights in each input's dtype, built once (not per batch).
+    node_values = [torch.tensor(nodes, dtype=t.dtype, device=t.device) for t in xs]
+    weight_values = [torch.tensor(weights, dtype=t.dtype, device=t.device) for t in xs]
     flat = torch.arange(steps * batch, device=inputs.device)
     for lo in range(0, steps * batch, batch_size):
         step, example = flat[lo : lo + batch_size] // batch, flat[lo : lo + batch_size] % batch
-        points = []
-        for t, start, path in zip(xs, starts, paths, strict=True):
-            alphas = torch.tensor(nodes, dtype=t.dtype, device=t.device)
-            points.append(start[example] + alphas[step].view(_column(t)) * path[example])
+        points = [start[example] + alphas[step].view(_column(t)) * path[example]
+                  for t, start, path, alphas in zip(xs, starts, paths, node_values, strict=True)]
         grads = gradient_pass(model, inputs.take(example, points), take_target(targets, example),
                               input_grad=True, eval_mode=eval_mode)
         assert grads.input_grads is not None
-        for t, total, grad in zip(xs, totals, grads.input_grads, strict=True):
-            scales = torch.tensor(weights, dtype=t.dtype, device=t.device)
+        for t, total, grad, scales in zip(xs, totals, grads.input_grads, weight_values, strict=True):
             total.index_add_(0, example, grad * scales[step].view(_column(t)))
     attributions = [path * total for path, total in zip(paths, totals, strict=True)]
     packed = inputs.pack(attributions)

@@ -50,6 +50,16 @@ def default_batch_size(x: InputLike) -> int:
     return max(1, min(64, _CPU_BATCH_VALUES // sum(t[0].numel() for t in tensors)))
 
 
+def batch_size_for(inputs: Inputs, batch_size: int | None) -> int:
+    """``batch_size`` checked, or :func:`default_batch_size`'s default
+    for one example of all the inputs together."""
+    if batch_size is None:
+        return default_batch_size(inputs.tensors)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    return batch_size
+
+
 def occlusion(
     model: Model,
     x: InputLike,
@@ -110,10 +120,7 @@ def occlusion(
     batch = inputs.batch
     layout = grids([tuple(t.shape[1:]) for t in inputs.tensors], inputs.was_tuple, window, stride)
     baselines = fills(baseline, inputs)
-    if batch_size is None:
-        batch_size = default_batch_size(inputs.tensors)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    batch_size = batch_size_for(inputs, batch_size)
     unsuited = _why_not_incremental(model, inputs, layout[0])
     if incremental and unsuited:
         raise ValueError(f"incremental occlusion cannot run here: {unsuited}")

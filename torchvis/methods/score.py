@@ -18,7 +18,7 @@ from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_modu
 from torchvis.core.passes import activation_pass
 from torchvis.core.targets import Resolved, Target, score_of, take_target
 from torchvis.methods.cam import check_feature_map, default_reshape, interpolation, upsample_to
-from torchvis.methods.perturbation import default_batch_size
+from torchvis.methods.perturbation import batch_size_for
 from torchvis.methods.spec import Look, Need, register
 
 
@@ -26,7 +26,8 @@ def channel_masks(activation: Tensor, size: tuple[int, ...]) -> Tensor:
     """Channels ``[N,*spatial]`` upsampled (bilinearly for ``[N,h,w]``; linearly, trilinearly for other
     ranks) to ``size`` and min-max normalised to [0, 1] each: ``[N,1,*size]`` (a channel whose
     upsampled map is constant gives 0)."""
-    mode = interpolation(True, len(size)) or "bilinear"
+    mode = interpolation(True, len(size))
+    assert mode is not None  # True always names a mode
     up = F.interpolate(activation[:, None], size=size, mode=mode, align_corners=False)
     dims = tuple(range(2, up.dim()))
     low, high = up.amin(dim=dims, keepdim=True), up.amax(dim=dims, keepdim=True)
@@ -105,14 +106,11 @@ def score_cam(
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
     x = inputs.first
-    bad_size = isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    if batch_size is not None and bad_size:
-        raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
+    # The masked passes too run the module the probe hooks.
+    module = hooks.unwrap(check_module(model, "Score-CAM"))
+    batch_size = batch_size_for(inputs, batch_size)
     probe = activation_pass(model, inputs, target, layer=layer, eval_mode=eval_mode, layer_input=layer_input)
-    # The masked passes too run the module the probe hooked (activation_pass refused anything else).
-    model = hooks.unwrap(check_module(model, "Score-CAM"))
-    if batch_size is None:
-        batch_size = default_batch_size(inputs.tensors)
+    model = module
     spatial = tuple(x.shape[2:])
     reading = default_reshape(model, layer, reshape)
     activation = layouts.to_feature_map(probe.activation, reading, spatial, probe.layer)

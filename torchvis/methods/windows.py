@@ -59,11 +59,6 @@ class Grid:
     def positions(self) -> list[tuple[int, ...]]:
         return list(itertools.product(*self.starts))
 
-    @property
-    def map_shape(self) -> tuple[int, ...]:
-        """The map's non-batch shape: the input's, or one channel for a spatial window."""
-        return (1, *self.size) if self.lead else self.size
-
     def box(self, start: Sequence[int]) -> tuple[slice, ...]:
         """The index of the window at ``start`` over the non-batch dimensions (cut off at the border
         by slicing)."""
