@@ -164,3 +164,14 @@ def test_torchscript_models_are_refused_with_a_clear_error(
         compiled(x)
     with pytest.raises(TypeError, match="TorchScript module"):
         grad_cam(compiled, x, layer="conv3")
+
+
+def test_recording_without_grads_adds_no_tensor_hook(randn: Callable[..., Tensor]) -> None:
+    """``grads=False`` (what the passes use: they take gradients from autograd.grad) records the outputs
+    only; a backward inside the block reaches no hook."""
+    model, x = conv_relu(3), randn(4, 1, 2, 5, 5)
+    with capture(model, ["0"], grads=False) as rec:
+        out = model(x.requires_grad_(True))
+        (g,) = torch.autograd.grad(out.sum(), rec.outputs["0"])
+        assert rec.outputs["0"]._backward_hooks is None
+    assert rec.grads == {} and g.shape == rec.outputs["0"].shape and attached(model) == []

@@ -230,8 +230,11 @@ class Recording:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = False) -> Iterator[Recording]:
-    """Record the outputs of ``layers`` (and the gradients that reach them) while the block runs.
+def capture(
+    model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = False, grads: bool = True
+) -> Iterator[Recording]:
+    """Record the outputs of ``layers`` while the block runs (and, with ``grads``, the gradients that
+    reach them during a backward inside the block).
 
     Example::
 
@@ -263,7 +266,7 @@ def capture(model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = 
         rec._versions[key] = value._version
         if key in grad_handles:  # a module called again: only its last call is recorded
             grad_handles.pop(key).remove()
-        if value.requires_grad:
+        if grads and value.requires_grad:
             grad_handles[key] = value.register_hook(store_grad)
         return value.clone()
 

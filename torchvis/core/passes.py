@@ -100,7 +100,8 @@ def gradient_pass(
             if None in requested else nullcontext([])
         )
         recording = (
-            hooks.capture(model, named, inputs=layer_input) if named else nullcontext(None)  # type: ignore[arg-type]
+            # No gradient hook: the pass takes the layers' gradients from autograd.grad after the block.
+            hooks.capture(model, named, inputs=layer_input, grads=False) if named else nullcontext(None)  # type: ignore[arg-type]
         )
         with recording as rec, guide as report, auto as maps:
             # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
@@ -285,7 +286,8 @@ def activation_pass(
         auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
             hooks.feature_maps(model, inputs.first.dim()) if name is None else nullcontext([])
         )
-        with hooks.capture(model, [] if name is None else [name], inputs=layer_input) as rec, auto as maps:
+        with hooks.capture(model, [] if name is None else [name], inputs=layer_input, grads=False) as rec, \
+                auto as maps:
             logits = inputs.call(model, [t.clone() for t in inputs.tensors])
         if name is None:
             chosen = pick_feature_layer(maps, grad=False)
