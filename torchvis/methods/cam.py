@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -163,16 +163,22 @@ def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: Upsample) -> Te
     return upsample_to(heat, x, upsample)
 
 
-def cam_map(
-    activation: Tensor, grad: Tensor, x: Tensor, *, relu: bool, upsample: Upsample,
-    layer_name: str = "the layer",
+Heat = Callable[[Tensor, Tensor], Tensor]
+
+
+def cam_from(
+    shared: Shared, heat: Heat, method: str, *, relu: bool, upsample: Upsample, reshape: layouts.Reshape
 ) -> Tensor:
-    """:func:`cam` in ``x``'s dtype, at ``x``'s size unless not ``upsample``: ``[B,1,*x.shape[2:]]`` or
-    the layer's. Warns (:class:`EmptyMapWarning`) when the map is exactly zero for some examples."""
-    check_feature_map(activation, layer=layer_name, x=x)
-    heat = grad_cam_heat(accumulate(activation), accumulate(grad))
-    warn_if_empty(heat.clamp_min(0) if relu else heat, activation, layer_name)
-    return finish_cam(heat, x, relu=relu, upsample=upsample)
+    """The CAM of ``heat`` (a function of the layer's ``A`` and ``g``, ``[B,1,*spatial]`` before the
+    ReLU) from the shared pass at one layer, in ``x``'s dtype, at ``x``'s size unless not ``upsample``.
+    Every CAM variant is this with its own ``heat``. Warns (:class:`EmptyMapWarning`) when the map is
+    exactly zero for some examples."""
+    activation, grad = layer_maps(shared, reshape)
+    layer = shared.layer or "the layer"
+    check_feature_map(activation, method, layer, shared.x)
+    value = heat(accumulate(activation), accumulate(grad))
+    warn_if_empty(value.clamp_min(0) if relu else value, activation, layer)
+    return finish_cam(value, shared.x, relu=relu, upsample=upsample)
 
 
 def grad_cam_from(
@@ -180,9 +186,7 @@ def grad_cam_from(
     layer_input: bool = False,
 ) -> Tensor:
     """:func:`grad_cam` from the shared plain pass at one layer (``layer_input`` was the pass's)."""
-    activation, grad = layer_maps(shared, reshape)
-    return cam_map(activation, grad, shared.x, relu=relu, upsample=upsample,
-                   layer_name=shared.layer or "the layer")
+    return cam_from(shared, grad_cam_heat, "Grad-CAM", relu=relu, upsample=upsample, reshape=reshape)
 
 
 def guided_cam(

@@ -10,7 +10,7 @@ every variant at every layer from the one pass it runs for saliency and Grad-CAM
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -21,18 +21,8 @@ from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
 from torchvis.core.targets import Target
-from torchvis.methods.cam import (
-    Upsample,
-    accumulate,
-    check_feature_map,
-    default_reshape,
-    finish_cam,
-    layer_maps,
-    warn_if_empty,
-)
+from torchvis.methods.cam import Heat, Upsample, cam_from, default_reshape
 from torchvis.methods.spec import Look, Need, register
-
-Heat = Callable[[Tensor, Tensor], Tensor]
 
 
 def _spatial(t: Tensor) -> tuple[int, ...]:
@@ -78,12 +68,7 @@ _TITLES: dict[Heat, str] = {
 def _variant_from(
     heat: Heat, shared: Shared, relu: bool, upsample: Upsample, reshape: layouts.Reshape
 ) -> Tensor:
-    activation, grad = layer_maps(shared, reshape)
-    layer = shared.layer or "the layer"
-    check_feature_map(activation, _TITLES[heat], layer, shared.x)
-    value = heat(accumulate(activation), accumulate(grad))
-    warn_if_empty(value.clamp_min(0) if relu else value, activation, layer)
-    return finish_cam(value, shared.x, relu=relu, upsample=upsample)
+    return cam_from(shared, heat, _TITLES[heat], relu=relu, upsample=upsample, reshape=reshape)
 
 
 def _variant(
