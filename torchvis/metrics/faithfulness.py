@@ -25,14 +25,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple, overload
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
 from torchvis.core.forward import check_finite, checked_logits, guarded
 from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, fill_like, fills, per_input
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of, take_target
-from torchvis.methods.cam import EmptyMapWarning
+from torchvis.methods.cam import EmptyMapWarning, upsample_to
 
 __all__ = ["Curves", "deletion", "importance", "insertion", "ranks", "steps"]
 
@@ -58,9 +57,6 @@ class Curves(NamedTuple):
 
 Attributions = Tensor | tuple[Tensor, ...]
 Fill = float | Tensor | tuple[Any, ...]
-
-_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
 
 def importance(attributions: Tensor, x: Tensor) -> Tensor:
     """Per-feature importance ``[B, P]``: for an image ``[B,C,H,W]`` the sum over channels of
@@ -94,10 +90,7 @@ def importance(attributions: Tensor, x: Tensor) -> Tensor:
                 f"a map at another resolution than x ({size}) must have one channel to be "
                 f"upsampled; got {list(a.shape)}"
             )
-        if len(spatial) not in _MODES:
-            raise ValueError(f"a map at another resolution than x {list(x.shape)} cannot be upsampled")
-        a = F.interpolate(a.float() if a.dtype == torch.float16 else a, size=spatial,
-                          mode=_MODES[len(spatial)], align_corners=False)
+        a = upsample_to(a.float() if a.dtype == torch.float16 else a, x)
     if not torch.isfinite(a).all():
         raise ValueError("attributions contain NaN or Inf; pixels cannot be ranked by them")
     return a.abs().sum(dim=1).flatten(1) if x.dim() > 2 else a.abs()
