@@ -144,8 +144,9 @@ def test_nothing_runs_between_logging_steps(tmp_path: Path) -> None:
         assert module.training
     kept = [name for name, value in vars(monitor).items() if isinstance(value, (Tensor, Inputs))]
     assert sorted(kept) == ["_inputs", "_probe", "labels"]
-    assert monitor._inputs is monitor._probe  # one copy of the probe while the dtype matches
-    assert monitor.images is monitor._probe.first and monitor._probe.tensors == (monitor.images,)
+    # One copy of the probe in memory while the dtype matches: what the model gets shares its storage.
+    assert monitor._inputs.first.data_ptr() == monitor._probe.first.data_ptr()
+    assert monitor.images.data_ptr() == monitor._probe.first.data_ptr() and len(monitor._probe.tensors) == 1
     assert all(p.grad is None for p in model.parameters())
     monitor.close()
     with pytest.raises(RuntimeError, match="closed"):
@@ -400,3 +401,30 @@ def test_numpy_targets_and_labels(tmp_path: Path) -> None:
         logged = log_attributions(sink, DropoutCNN(), probe_x, np.int64(2), step=1, labels=probe_y.numpy(),
                                   layer="conv2", mean=MEAN, std=STD)
     assert "torchvis/grad_cam" in logged
+
+
+def test_floating_forward_arguments_follow_the_model_dtype(tmp_path: Path) -> None:
+    """The probe and the floating tensors among its forward arguments take the model's dtype, at
+    construction and after the model changes dtype, from the first copy (no loss on a round trip)."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+            return self.linear(x) * scale
+
+    model = Scaled()
+    x, scale = torch.rand(2, 4), torch.rand(2, 1, dtype=torch.float64) + 0.5
+    with PNGWriter(tmp_path) as sink:
+        monitor = Monitor(model, sink, x, [0, 1], forward_args=(scale,), methods=("saliency",), every=1)
+        dtypes = [(monitor._inputs.first.dtype, monitor._inputs.forward_args[0].dtype)]
+        for convert in (nn.Module.double, nn.Module.half, nn.Module.float):
+            convert(model)
+            monitor._follow(model)
+            dtypes.append((monitor._inputs.first.dtype, monitor._inputs.forward_args[0].dtype))
+        monitor.close()
+    assert dtypes == [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                      (torch.float16, torch.float16), (torch.float32, torch.float32)]
+    torch.testing.assert_close(monitor._inputs.forward_args[0], scale.float(), rtol=0, atol=0)

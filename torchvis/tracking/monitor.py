@@ -140,6 +140,7 @@ class Monitor:
         device = model_device(model) or inputs.device
         # Copies, so later in-place changes to the user's tensors cannot reach the probe.
         self._probe = moved(inputs, device, copy=True)
+        self._key: tuple[torch.device, torch.dtype] | None = None
         self._inputs = self._follow_dtype(model_dtype(model))
         self.labels = None if labels is None else torch.as_tensor(as_target(labels)).to(device, copy=True)
         target = as_target(target)
@@ -198,16 +199,13 @@ class Monitor:
         self._inputs = self._follow_dtype(dtype)
 
     def _follow_dtype(self, dtype: torch.dtype | None) -> Inputs:
-        """The probe in ``dtype`` — from the first copy, so a round trip through bfloat16 loses nothing;
-        the probe itself (no copy) while the dtype matches."""
-        current = getattr(self, "_inputs", None)
-        first = self._probe.first
-        wanted = dtype or first.dtype
-        if current is not None and current.device == first.device and current.first.dtype == wanted:
-            return current
-        if wanted == first.dtype and all(t.dtype == wanted for t in self._probe.tensors):
-            return self._probe
-        return moved(self._probe, first.device, wanted)
+        """The probe, and the floating tensors among its forward arguments, in ``dtype`` — made from the
+        first copy, so a round trip through bfloat16 loses nothing; remade only when the device or the
+        dtype changed (``moved`` returns tensors already right as they are)."""
+        key = (self._probe.device, dtype or self._probe.first.dtype)
+        if key != self._key:
+            self._inputs, self._key = moved(self._probe, *key), key
+        return self._inputs
 
     def close(self) -> None:
         """Wait for queued steps (background mode), flush the writer and stop; later calls to
