@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from torchvis import deletion, grad_cam, layer_cam, occlusion, saliency
+from torchvis import deletion
 from torchvis.apps.digits import (
     CLASS_NAMES,
     DigitsCNN,
@@ -38,6 +38,7 @@ from torchvis.apps.digits import (
     train_digits,
 )
 from torchvis.apps.vit_digits import BLACK, DigitsViT, load_vit_model, save_vit_checkpoint, train_vit
+from torchvis.methods.combine import explain_batch
 from torchvis.rendering.figure import explanation_figure, figure_rgb
 
 METHODS = {"saliency": "Saliency", "grad_cam": "Grad-CAM", "layer_cam": "LayerCAM", "occlusion": "Occlusion"}
@@ -45,19 +46,17 @@ CNN_LAYER = "relu2"
 OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width (as the demo)
 
 
-def maps_of(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
-    """The four maps of the predicted class, ``[B,1,28,28]`` each."""
+def maps_of(model: nn.Module, x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """The four maps of the predicted class, ``[B,1,28,28]`` each, and the softmax ``[B, 10]``:
+    saliency, Grad-CAM and LayerCAM from one forward and backward (``explain_batch``), occlusion apart."""
     if isinstance(model, DigitsViT):
         where = {"layer": f"encoder.layers.encoder_layer_{len(model.encoder.layers) - 1}.ln_1",
                  "reshape": "auto"}
     else:
         where = {"layer": CNN_LAYER}
-    cams = {"grad_cam": grad_cam(model, x, **where), "layer_cam": layer_cam(model, x, **where)}
-    return {
-        "saliency": saliency(model, x),
-        **cams,
-        "occlusion": occlusion(model, x, window=OCCLUSION_WINDOW, baseline=BLACK),
-    }
+    explained = explain_batch(model, x, methods=tuple(METHODS), window=OCCLUSION_WINDOW, baseline=BLACK,
+                              **where)
+    return explained.maps, explained.logits.softmax(dim=1)
 
 
 def trained(kind: str, path: Path | None, data: DigitsData, seed: int) -> nn.Module:
@@ -94,7 +93,8 @@ def main() -> None:
     models = {"CNN": trained("cnn", args.cnn, data, args.seed),
               "ViT": trained("vit", args.vit, data, args.seed)}
     x = data.test_x[: max(args.shown, args.scored)]
-    maps = {name: maps_of(model, x) for name, model in models.items()}
+    explained = {name: maps_of(model, x) for name, model in models.items()}
+    maps = {name: m for name, (m, _) in explained.items()}
     scored = x[: args.scored]
     scores = {name: {m: float(deletion(model, scored, maps[name][m][: args.scored], baseline=BLACK).mean())
                      for m in METHODS}
@@ -106,9 +106,8 @@ def main() -> None:
     shown = x[: args.shown]
     rows, labels = [], []
     for i in range(args.shown):
-        for name, model in models.items():
-            with torch.no_grad():
-                p = model.eval()(shown[i : i + 1]).softmax(dim=1)[0]
+        for name in models:
+            p = explained[name][1][i]
             rows.append((name, i))
             labels.append(f"{name}, true {CLASS_NAMES[int(data.test_y[i])]}\n"
                           f"pred {CLASS_NAMES[int(p.argmax())]} ({float(p.max()):.2f})")
