@@ -14,7 +14,9 @@ dimension is ``B``: its rows are taken for each row of the batch (:meth:`Inputs.
 or one whose first dimension is 1 is **shared** and passed as it is, as is anything that is not a
 tensor. Any other tensor is an error before any work (it could not be matched to the examples).
 With ``B = 1`` a tensor argument whose first dimension is 1 is treated as per example, which passes
-the same values either way.
+the same values either way. The attributed tensors are copied before the model sees them (a model
+that changes its input in place cannot reach yours); extra arguments are passed as they are, so a
+model that changes one in place changes the caller's.
 """
 
 from __future__ import annotations

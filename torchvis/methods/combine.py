@@ -12,7 +12,7 @@ from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
 from torchvis.methods.cam import default_reshape
-from torchvis.methods.spec import MethodSpec, Need, spec_of
+from torchvis.methods.spec import MethodSpec, Need, extra_arguments, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
 Layers = LayerAddress | None | Sequence[LayerAddress | None]
@@ -73,14 +73,12 @@ def explain_batch(
     """:func:`explain`, also returning the logits of the shared pass (so a caller that needs the
     predictions, like the audit, runs no extra forward)."""
     inputs = as_inputs(x, forward_args, forward_kwargs)  # checked once, before any work
-    extra = {"forward_args": forward_args, "forward_kwargs": forward_kwargs}
-    extra = {key: value for key, value in extra.items() if value is not None}
     specs = unique_specs(methods)
     routed = route_options(specs, options)
-    for spec in specs:
-        refused = [key for key in extra if not spec.shared and key not in spec.parameters]
-        if refused:
-            raise TypeError(f"method {spec.name!r} takes no {' or '.join(refused)}; it cannot run this model")
+    # Shared methods get the forward arguments through the pass; the others in their call (each checked
+    # here, before any work).
+    extra = {spec.name: extra_arguments(spec, forward_args, forward_kwargs)
+             for spec in specs if not spec.shared}
     many = isinstance(layer, list) or (isinstance(layer, tuple) and not is_element(layer))
     layers: list[LayerAddress | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
@@ -112,7 +110,7 @@ def explain_batch(
     for spec in specs:
         if spec.shared:
             continue
-        kwargs = dict(routed[spec.name]) | extra
+        kwargs = dict(routed[spec.name]) | extra[spec.name]
         if "eval_mode" in spec.parameters:
             kwargs["eval_mode"] = eval_mode
         if not spec.takes_layer:

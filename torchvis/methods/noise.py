@@ -14,7 +14,7 @@ from torchvis.core.inputs import InputLike, Model, as_inputs, check_model, check
 from torchvis.core.passes import target_pass
 from torchvis.core.targets import Target, given_target, take_target
 from torchvis.methods.perturbation import batch_size_for
-from torchvis.methods.spec import Look, MethodSpec, Need, register, spec_of
+from torchvis.methods.spec import Look, MethodSpec, Need, extra_arguments, register, spec_of
 
 _OWN_ARGUMENTS = ("model", "x", "target")
 
@@ -100,11 +100,7 @@ def _smoothed(
     check_model(model)
     if spec.needs_hooks:
         check_module(model, spec.name)
-    extra = {"forward_args": forward_args, "forward_kwargs": forward_kwargs}
-    extra = {key: value for key, value in extra.items() if value is not None}
-    refused = [key for key in extra if key not in spec.parameters]
-    if refused:
-        raise TypeError(f"method {spec.name!r} takes no {' or '.join(refused)}; it cannot run this model")
+    extra = extra_arguments(spec, forward_args, forward_kwargs)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples must be an int >= 1; got {samples!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not noise >= 0:
@@ -131,11 +127,9 @@ def _smoothed(
     for lo, noisy in noisy_batches(xs, sigmas, samples, seed, batch_size):
         hi = lo + noisy[0].shape[0]
         rows = flat[lo:hi] % batch
-        taken = inputs.take(rows, noisy)
-        expanded = {"forward_args": taken.forward_args, "forward_kwargs": taken.forward_kwargs}
-        extra = {key: expanded[key] for key in extra}
-        result = spec.function(model, inputs.pack(noisy),
-                               take_target(resolved, rows), **options, **extra)
+        taken = inputs.take(rows, noisy)  # the per-example forward arguments at each copy's example
+        at_rows = {key: getattr(taken, key) for key in extra}
+        result = spec.function(model, inputs.pack(noisy), take_target(resolved, rows), **options, **at_rows)
         single = not isinstance(result, tuple)
         maps = (result,) if single else result
         moments = moments or [_Moments(batch) for _ in maps]

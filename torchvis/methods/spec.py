@@ -176,6 +176,17 @@ def sees_inside(needs: frozenset[Need], takes_layer: bool) -> bool:
     return takes_layer or bool(needs & {Need.LAYER_GRADIENT, Need.GUIDED})
 
 
+def extra_arguments(spec: MethodSpec, forward_args: Any, forward_kwargs: Any) -> dict[str, Any]:
+    """The ``forward_args``/``forward_kwargs`` given (not ``None``), to pass on to ``spec``'s function;
+    a method whose function takes neither cannot run a model that needs them: ``TypeError``."""
+    extra = {key: value for key, value in (("forward_args", forward_args), ("forward_kwargs", forward_kwargs))
+             if value is not None}
+    refused = [key for key in extra if key not in spec.parameters]
+    if refused:
+        raise TypeError(f"method {spec.name!r} takes no {' or '.join(refused)}; it cannot run this model")
+    return extra
+
+
 def unregister(name: str) -> MethodSpec:
     """Remove a registered method; returns its spec (so it can be registered again)."""
     if name not in _SPECS:
