@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -347,21 +347,42 @@ class DigitsCNN(nn.Module):
 
 
 def save_checkpoint(model: DigitsCNN, path: str | os.PathLike[str]) -> None:
-    """Write ``model``'s weights and a small metadata record to ``path``.
+    """Write ``model``'s weights and a small metadata record to ``path`` (see :func:`write_checkpoint`)."""
+    write_checkpoint(model, path, CHECKPOINT_FORMAT)
 
-    The file is a plain ``torch.save`` dict of tensors, strings and floats (moved to the CPU), so
-    ``torch.load(path, weights_only=True)`` reads it without running any pickled code.
-    """
+
+def write_checkpoint(model: nn.Module, path: str | os.PathLike[str], fmt: str, **extra: Any) -> None:
+    """Write ``model``'s weights, the format tag ``fmt``, the digits' class names and normalisation and
+    ``extra`` entries to ``path``: a plain ``torch.save`` dict of tensors, strings and numbers (moved to
+    the CPU), so ``torch.load(path, weights_only=True)`` reads it without running any pickled code."""
     torch.save(
         {
-            "format": CHECKPOINT_FORMAT,
+            "format": fmt,
             "class_names": list(CLASS_NAMES),
             "mean": MNIST_MEAN,
             "std": MNIST_STD,
+            **extra,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         },
         path,
     )
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str], fmt: str, kind: str, *, map_location: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """The dict :func:`write_checkpoint` wrote with format tag ``fmt``, checked (``kind`` names the
+    model in messages). Raises ``ValueError`` for an unreadable file, another format, other class
+    names or normalisation, or no ``state_dict``; ``OSError`` when the file cannot be opened."""
+    with open(path, "rb") as file:
+        try:
+            checkpoint = torch.load(file, map_location=map_location, weights_only=True)
+        # torch.load raises UnpicklingError, EOFError, KeyError or RuntimeError depending on
+        # how the file is broken; to the caller they all mean the same thing.
+        except Exception as err:
+            raise ValueError(f"{os.fspath(path)!r} is not a readable torch file: {err}") from err
+    _check_checkpoint(checkpoint, path, fmt, kind)
+    return checkpoint
 
 
 def load_digits_model(path: str | os.PathLike[str], *, map_location: torch.device | str = "cpu") -> DigitsCNN:
@@ -372,14 +393,7 @@ def load_digits_model(path: str | os.PathLike[str], *, map_location: torch.devic
             names, normalisation or weights do not match this version of ``DigitsCNN``.
         OSError: the file cannot be opened.
     """
-    with open(path, "rb") as file:
-        try:
-            checkpoint = torch.load(file, map_location=map_location, weights_only=True)
-        # torch.load raises UnpicklingError, EOFError, KeyError or RuntimeError depending on
-        # how the file is broken; to the caller they all mean the same thing.
-        except Exception as err:
-            raise ValueError(f"{os.fspath(path)!r} is not a readable torch file: {err}") from err
-    _check_checkpoint(checkpoint, path)
+    checkpoint = read_checkpoint(path, CHECKPOINT_FORMAT, "digits", map_location=map_location)
     # A private generator: the random initial weights are overwritten just below anyway.
     model = DigitsCNN(generator=torch.Generator())
     try:
@@ -389,13 +403,12 @@ def load_digits_model(path: str | os.PathLike[str], *, map_location: torch.devic
     return model.to(map_location).eval()
 
 
-def _check_checkpoint(checkpoint: object, path: str | os.PathLike[str]) -> None:
+def _check_checkpoint(checkpoint: object, path: str | os.PathLike[str], fmt: str, kind: str) -> None:
     where = repr(os.fspath(path))
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != fmt:
         found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
         raise ValueError(
-            f"{where} is not a torchvis digits checkpoint: expected format "
-            f"{CHECKPOINT_FORMAT!r}, found {found!r}"
+            f"{where} is not a torchvis {kind} checkpoint: expected format {fmt!r}, found {found!r}"
         )
     expected = {"class_names": list(CLASS_NAMES), "mean": MNIST_MEAN, "std": MNIST_STD}
     for key, value in expected.items():

@@ -28,7 +28,15 @@ from torch import Tensor, nn
 from torchvision.models.vision_transformer import VisionTransformer
 from tqdm.auto import tqdm
 
-from torchvis.apps.digits import CLASS_NAMES, MNIST_MEAN, MNIST_STD, DigitsData, evaluate
+from torchvis.apps.digits import (
+    CLASS_NAMES,
+    MNIST_MEAN,
+    MNIST_STD,
+    DigitsData,
+    evaluate,
+    read_checkpoint,
+    write_checkpoint,
+)
 from torchvis.core.forward import restored_modes
 
 __all__ = [
@@ -229,19 +237,9 @@ def _warmup_cosine(step: int, warm: int, total: int) -> float:
 
 
 def save_vit_checkpoint(model: DigitsViT, path: str | os.PathLike[str]) -> None:
-    """Write ``model``'s weights, constructor arguments and a metadata record to ``path``: a plain
-    ``torch.save`` dict that ``torch.load(path, weights_only=True)`` reads without running pickled code."""
-    torch.save(
-        {
-            "format": VIT_CHECKPOINT_FORMAT,
-            "class_names": list(CLASS_NAMES),
-            "mean": MNIST_MEAN,
-            "std": MNIST_STD,
-            "config": dict(model.config),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        },
-        path,
-    )
+    """Write ``model``'s weights, constructor arguments and a metadata record to ``path``
+    (:func:`torchvis.apps.digits.write_checkpoint`)."""
+    write_checkpoint(model, path, VIT_CHECKPOINT_FORMAT, config=dict(model.config))
 
 
 def load_vit_model(path: str | os.PathLike[str], *, map_location: torch.device | str = "cpu") -> DigitsViT:
@@ -252,23 +250,11 @@ def load_vit_model(path: str | os.PathLike[str], *, map_location: torch.device |
             normalisation, configuration or weights do not fit ``DigitsViT``.
         OSError: the file cannot be opened.
     """
-    where = repr(os.fspath(path))
-    with open(path, "rb") as file:
-        try:
-            checkpoint = torch.load(file, map_location=map_location, weights_only=True)
-        except Exception as err:  # torch.load raises several types for a broken file
-            raise ValueError(f"{where} is not a readable torch file: {err}") from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != VIT_CHECKPOINT_FORMAT:
-        found = checkpoint.get("format") if isinstance(checkpoint, dict) else type(checkpoint)
-        raise ValueError(f"{where} is not a torchvis digits ViT checkpoint: expected format "
-                         f"{VIT_CHECKPOINT_FORMAT!r}, found {found!r}")
-    for key, value in {"class_names": list(CLASS_NAMES), "mean": MNIST_MEAN, "std": MNIST_STD}.items():
-        if checkpoint.get(key) != value:
-            raise ValueError(f"{where}: {key} is {checkpoint.get(key)!r}, expected {value!r}")
+    checkpoint = read_checkpoint(path, VIT_CHECKPOINT_FORMAT, "digits ViT", map_location=map_location)
     try:
         # A private generator: the random initial weights are overwritten just below anyway.
         model = DigitsViT(generator=torch.Generator(), **checkpoint["config"])
         model.load_state_dict(checkpoint["state_dict"])
     except (KeyError, TypeError, RuntimeError) as err:
-        raise ValueError(f"{where} does not hold DigitsViT weights: {err!r}") from err
+        raise ValueError(f"{os.fspath(path)!r} does not hold DigitsViT weights: {err!r}") from err
     return model.to(map_location).eval()
