@@ -225,18 +225,15 @@ def insertion(
                    pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)[0]
 
 
-Metric = Literal["deletion", "insertion"]
-
-
 @overload
 def faithfulness(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
-                 metrics: Sequence[Metric] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                 metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
                  baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
                  return_curves: Literal[False] = False, forward_args: Any = None,
                  forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Tensor]: ...
 @overload
 def faithfulness(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
-                 metrics: Sequence[Metric] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                 metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
                  baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
                  return_curves: Literal[True], forward_args: Any = None,
                  forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Curves]: ...
@@ -246,7 +243,7 @@ def faithfulness(
     attributions: Attributions,
     target: Target = None,
     *,
-    metrics: Sequence[Metric] = ("deletion", "insertion"),
+    metrics: Sequence[str] = ("deletion", "insertion"),
     pixels_per_step: int | None = None,
     baseline: Fill = 0.0,
     start: str | Fill = "blur",
