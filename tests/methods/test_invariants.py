@@ -546,8 +546,8 @@ def run_other(call: str, kind: str, model: nn.Module, x: tuple[Tensor, ...], arg
                                   return_curves=True, **extra).scores
     if call == "faithfulness":
         both = torchvis.faithfulness(model, xs, maps, 1, pixels_per_step=5, baseline=0.5,
-                                     start=0.25 if single else ("blur", 0.0), batch_size=3, return_curves=True,
-                                     **extra)
+                                     start=0.25 if single else ("blur", 0.0), batch_size=3,
+                                     return_curves=True, **extra)
         return torch.cat([both["deletion"].scores, both["insertion"].scores])
     result = torchvis.sanity_check(model, xs, ["saliency", "occlusion"], 1, window=2 if single else (2, 2),
                                    **extra)
