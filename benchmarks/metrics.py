@@ -1,7 +1,7 @@
 """What the faithfulness metrics cost: against the forward passes they cannot avoid, and in a monitor.
 
 ```bash
-python -m benchmarks.metrics                 # about two minutes on 2 cores
+python -m benchmarks.metrics                 # about four minutes on 2 cores
 python -m benchmarks.metrics --repeats 15 --json out.json
 ```
 
