@@ -199,3 +199,26 @@ def test_lightning_callback_streams_the_scores(tmp_path: Path) -> None:
     for tag in ("torchvis/deletion/saliency", "torchvis/insertion/grad_cam"):
         assert [e.step for e in acc.Scalars(tag)] == [0, 2]
     assert len(acc.Tensors("custom_scalars__config__")) == 1
+
+
+def test_background_scores_equal_the_foreground_ones_for_the_same_weights(tmp_path: Path) -> None:
+    """The worker thread scores a snapshot on its shadow copy: the same floats as the training thread
+    would log for those weights, at every step, though the model changes between logging steps."""
+    logged = {}
+    for kind in ("foreground", "background"):
+        model, x, y = setup(1)
+        with SummaryWriter(str(tmp_path / kind)) as writer, Monitor(
+            model, writer, x, y, layer="relu", every=1, mean=MEAN, std=STD, metrics=("deletion", "insertion"),
+            metric_options={"pixels_per_step": 5}, background=kind == "background", queue_size=2,
+        ) as monitor:
+            for step in range(3):
+                monitor.step(step)
+                with torch.no_grad():  # "training" right after the step: the snapshot must not see it
+                    model.fc.weight.mul_(-0.5).add_(0.1)
+                    model.conv.bias.add_(0.2)
+        acc = read(tmp_path / kind)
+        logged[kind] = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+                        if "/deletion/" in tag or "/insertion/" in tag}
+    assert len(logged["foreground"]) == 4
+    assert all(len(points) == 3 for points in logged["foreground"].values())
+    assert logged["background"] == logged["foreground"]  # exactly, not approximately

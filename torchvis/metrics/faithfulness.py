@@ -33,7 +33,7 @@ from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_mode
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of, take_target
 from torchvis.methods.cam import EmptyMapWarning, upsample_to
 
-__all__ = ["Curves", "deletion", "importance", "insertion", "ranks", "steps"]
+__all__ = ["Curves", "deletion", "faithfulness", "importance", "insertion", "ranks", "steps"]
 
 # The RISE code's substrate for insertion: a Gaussian blur with an 11-pixel kernel and sigma 5.
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
@@ -181,8 +181,8 @@ def deletion(
     inputs = _inputs(x, forward_args, forward_kwargs)
     maps = _maps(attributions, inputs)
     ends = fills(baseline, inputs, "baseline")
-    return _curves(model, inputs, maps, target, start=list(inputs.tensors), end=ends,
-                   pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)
+    return _curves(model, inputs, maps, target, [(list(inputs.tensors), ends)],
+                   pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)[0]
 
 
 @overload
@@ -220,6 +220,63 @@ def insertion(
     """
     inputs = _inputs(x, forward_args, forward_kwargs)
     maps = _maps(attributions, inputs)
+    begins = _starts(start, inputs)
+    return _curves(model, inputs, maps, target, [(begins, list(inputs.tensors))],
+                   pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)[0]
+
+
+@overload
+def faithfulness(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+                 metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                 baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
+                 return_curves: Literal[False] = False, forward_args: Any = None,
+                 forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Tensor]: ...
+@overload
+def faithfulness(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+                 metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                 baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
+                 return_curves: Literal[True], forward_args: Any = None,
+                 forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Curves]: ...
+def faithfulness(
+    model: Model,
+    x: InputLike,
+    attributions: Attributions,
+    target: Target = None,
+    *,
+    metrics: Sequence[str] = ("deletion", "insertion"),
+    pixels_per_step: int | None = None,
+    baseline: Fill = 0.0,
+    start: str | Fill = "blur",
+    batch_size: int | None = None,
+    return_curves: bool = False,
+    forward_args: Any = None,
+    forward_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Tensor] | dict[str, Curves]:
+    """Several metrics of one map at once: ``{"deletion": [B], "insertion": [B]}`` (or :class:`Curves`).
+
+    Each value equals :func:`deletion` (with ``baseline``) or :func:`insertion` (with ``start``) called
+    alone, bit for bit; together they share the checks, the ranking of the pixels and the pass that
+    resolves ``target``, so a caller that wants both (the monitor) pays for one of each.
+    """
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics is a sequence of names, e.g. ({metrics!r},); got the string {metrics!r}")
+    names = tuple(metrics)
+    for name in names:
+        if name not in ("deletion", "insertion"):
+            raise ValueError(f"unknown metric {name!r}; known: deletion, insertion")
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"metrics must name deletion and/or insertion, each once; got {list(names)}")
+    inputs = _inputs(x, forward_args, forward_kwargs)
+    maps = _maps(attributions, inputs)
+    paths = [(list(inputs.tensors), fills(baseline, inputs, "baseline")) if name == "deletion"
+             else (_starts(start, inputs), list(inputs.tensors)) for name in names]
+    results = _curves(model, inputs, maps, target, paths, pixels_per_step=pixels_per_step,
+                      batch_size=batch_size, curves=return_curves)
+    return dict(zip(names, results, strict=True))  # type: ignore[return-value]
+
+
+def _starts(start: object, inputs: Inputs) -> list[Tensor]:
+    """Insertion's start images, one per input: a blur of an image, or a number or tensor filled."""
     begins = []
     for i, ((value, what), t) in enumerate(zip(per_input(start, inputs, "start"), inputs.tensors,
                                                strict=True)):
@@ -235,8 +292,7 @@ def insertion(
             begins.append(blurred(t))
         else:
             begins.append(fill_like(value, t, what, f"x[{i}]" if inputs.was_tuple else "x"))
-    return _curves(model, inputs, maps, target, start=begins, end=list(inputs.tensors),
-                   pixels_per_step=pixels_per_step, batch_size=batch_size, curves=return_curves)
+    return begins
 
 
 def blurred(x: Tensor) -> Tensor:
@@ -253,14 +309,14 @@ def _curves(
     inputs: Inputs,
     attributions: Sequence[Tensor],
     target: Target,
+    paths: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]],
     *,
-    start: Sequence[Tensor],
-    end: Sequence[Tensor],
     pixels_per_step: int | None,
     batch_size: int | None,
     curves: bool,
-) -> Tensor | Curves:
-    """Score the inputs that go from ``start`` to ``end`` one step of ranked features at a time."""
+) -> list[Tensor] | list[Curves]:
+    """For each ``(start, end)`` of ``paths``, score the inputs that go from ``start`` to ``end`` one
+    step of ranked features at a time; the ranks and the target are shared by the paths."""
     check_model(model)
     batch = inputs.batch
     weights = [importance(a, t) for a, t in zip(attributions, inputs.tensors, strict=True)]
@@ -276,30 +332,70 @@ def _curves(
             for r, t in zip(ranks(joint).split([w.shape[1] for w in weights], dim=1), inputs.tensors,
                             strict=True)]
     replaced = (torch.arange(n + 1, device=inputs.device) * per_step).clamp_max(pixels)
+    # Row i = k * B + b of a path's stream is point k of example b. Each input's replaced counts,
+    # [N+1, 1, ...], broadcast against its ranks: a chunk's whole points are built by one op.
+    counts = [replaced.view(-1, *[1] * r.dim()) for r in rank]
     total = (n + 1) * batch
+    spans = [(lo, min(lo + batch_size, total)) for lo in range(0, total, batch_size)]
 
+    results = []
     with guarded(model, inputs.first, grad=False), torch.inference_mode():
         t = _target(model, inputs, target)
         probability = isinstance(t, Tensor) and t.dim() == 1
-        chunks = []
-        # Flat index i = k * B + b: point k of example b.
-        for lo in range(0, total, batch_size):
-            i = torch.arange(lo, min(lo + batch_size, total), device=inputs.device)
-            k, b = i // batch, i % batch
-            tensors = []
-            for r, first, last in zip(rank, start, end, strict=True):
-                moved = r[b] < replaced[k].view(-1, *[1] * (r.dim() - 1))  # the features already replaced
-                tensors.append(torch.where(moved, last[b], first[b]))
-            out = inputs.call(model, tensors, rows=b)
-            chunks.append(_score(out, take_target(t, b), i.numel(), probability))
-    scores = torch.cat(chunks).view(n + 1, batch).t().clone()  # outside inference mode: an ordinary tensor
-    if not torch.isfinite(scores).all():
-        kind = "softmax scores" if probability else "scores"
-        raise ValueError(f"the model's {kind} contain NaN or Inf; no AUC can be computed")
-    auc = (scores.sum(dim=1) - (scores[:, 0] + scores[:, -1]) / 2) / n
-    if not curves:
-        return auc
-    return Curves(auc, scores, replaced.to(scores.dtype) / pixels)
+        for first, last in paths:
+            formats = [_layout(r, s, e) for r, s, e in zip(rank, first, last, strict=True)]
+            chunks = []
+            for lo, hi in spans:
+                b = torch.arange(lo, hi, device=inputs.device) % batch
+                tensors = [_images(r, c, s, e, lo, hi, f)
+                           for r, c, s, e, f in zip(rank, counts, first, last, formats, strict=True)]
+                out = inputs.call(model, tensors, rows=b)
+                chunks.append(_score(out, take_target(t, b), hi - lo, probability))
+            results.append(torch.cat(chunks).view(n + 1, batch).t().clone())  # ordinary tensors outside
+    output = []
+    for scores in results:
+        if not torch.isfinite(scores).all():
+            kind = "softmax scores" if probability else "scores"
+            raise ValueError(f"the model's {kind} contain NaN or Inf; no AUC can be computed")
+        auc = (scores.sum(dim=1) - (scores[:, 0] + scores[:, -1]) / 2) / n
+        output.append(Curves(auc, scores, replaced.to(scores.dtype) / pixels) if curves else auc)
+    return output  # type: ignore[return-value]
+
+
+def _layout(rank: Tensor, first: Tensor, last: Tensor) -> torch.memory_format:
+    """The memory format that ``where`` gives the rows of ``first`` and ``last`` (channels last for
+    some image layouts), so the model sees its inputs laid out as before the images were built by
+    broadcasting (a convolution's result may depend on the layout in its last bits)."""
+    if first.dim() != 4:
+        return torch.contiguous_format
+    rows = torch.arange(min(2, rank.shape[0]), device=rank.device)
+    probe = torch.where(rank[rows] < 0, last[rows], first[rows])
+    if probe.is_contiguous() or not probe.is_contiguous(memory_format=torch.channels_last):
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def _images(rank: Tensor, counts: Tensor, first: Tensor, last: Tensor, lo: int, hi: int,
+            layout: torch.memory_format) -> Tensor:
+    """Rows ``lo..hi`` of the stream ``where(rank < counts[k], last, first)``, row ``k * B + b``: a
+    fresh tensor (the model may keep or change it). At most three ``where``: the partial point the
+    chunk starts in, the whole points, the partial point it ends in."""
+    batch, shape = rank.shape[0], first.shape[1:]
+    dtype = torch.result_type(last, first)
+    out = torch.empty((hi - lo, *shape), dtype=dtype, device=first.device, memory_format=layout)
+    k, b = divmod(lo, batch)
+    row = lo
+    while row < hi:
+        if b == 0 and hi - row >= batch:  # whole points k .. k+m-1
+            m = (hi - row) // batch
+            torch.where(rank < counts[k : k + m], last, first,
+                        out=out[row - lo : row - lo + m * batch].view(m, batch, *shape))
+            row, k = row + m * batch, k + m
+        else:  # part of point k: examples b .. e-1
+            e = min(batch, b + hi - row)
+            torch.where(rank[b:e] < counts[k], last[b:e], first[b:e], out=out[row - lo : row - lo + e - b])
+            row, k, b = row + e - b, k + (e == batch), 0 if e == batch else e
+    return out
 
 
 def _score(out: Any, target: Resolved, batch: int, probability: bool) -> Tensor:

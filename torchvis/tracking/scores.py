@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from torchvis.core.forward import Target
-from torchvis.metrics.faithfulness import deletion, insertion
+from torchvis.metrics.faithfulness import deletion, faithfulness, insertion
 
 __all__ = [
     "METRICS",
@@ -88,13 +88,14 @@ def log_scores(
     """
     options.setdefault("pixels_per_step", monitor_pixels_per_step(x))
     add_scalar = getattr(writer, "add_scalar", None)
+    names = check_metrics(metrics)
+    # All metrics of a map at once: one ranking, one target pass (bit-identical to each metric alone).
+    aucs = {key: faithfulness(model, x, attr, target, metrics=names, **options) for key, attr in maps.items()}
     values: dict[str, float] = {}
-    for metric in check_metrics(metrics):
-        fn = METRICS[metric]
-        taken = {k: v for k, v in options.items() if k in inspect.signature(fn).parameters}
-        for key, attr in maps.items():
+    for metric in names:
+        for key in maps:
             tag = f"{prefix}/{metric}/{key}"
-            values[tag] = float(fn(model, x, attr, target, **taken).mean())
+            values[tag] = float(aucs[key][metric].mean())
             if callable(add_scalar):
                 add_scalar(tag, values[tag], step)
     return values
