@@ -46,7 +46,7 @@ from torchvis.methods import (
     vargrad,
     xgrad_cam,
 )
-from torchvis.metrics.faithfulness import deletion, faithfulness, insertion
+from torchvis.metrics.faithfulness import deletion, deletion_insertion, insertion
 from torchvis.metrics.sanity import SanityResult, sanity_check
 from torchvis.rendering import image
 from torchvis.tracking.monitor import Monitor
@@ -71,7 +71,7 @@ __all__ = [
     "capture",
     "deletion",
     "explain",
-    "faithfulness",
+    "deletion_insertion",
     "feature_grid",
     "feature_maps",
     "filter_grid",

@@ -521,7 +521,7 @@ def kind_inputs(kind: str, g: torch.Generator, batch: int = 2) -> Call:
     return (randn(batch, 3, 6, 6), randn(batch, 4)), (randn(batch).exp(),), {"bias": randn(1, 3)}
 
 
-KIND_CALLS = ["occlusion", "score_cam", "deletion", "insertion", "faithfulness", "sanity_check"]
+KIND_CALLS = ["occlusion", "score_cam", "deletion", "insertion", "deletion_insertion", "sanity_check"]
 # Score-CAM needs a spatial layer, which the features model has not.
 CALL_KINDS = [(call, kind) for call in KIND_CALLS for kind in ("tabular", "two-inputs")
               if (call, kind) != ("score_cam", "tabular")]
@@ -544,8 +544,8 @@ def run_other(call: str, kind: str, model: nn.Module, x: tuple[Tensor, ...], arg
         start: Any = 0.25 if single else ("blur", 0.0)
         return torchvis.insertion(model, xs, maps, None, pixels_per_step=5, start=start, batch_size=3,
                                   return_curves=True, **extra).scores
-    if call == "faithfulness":
-        both = torchvis.faithfulness(model, xs, maps, 1, pixels_per_step=5, baseline=0.5,
+    if call == "deletion_insertion":
+        both = torchvis.deletion_insertion(model, xs, maps, 1, pixels_per_step=5, baseline=0.5,
                                      start=0.25 if single else ("blur", 0.0), batch_size=3,
                                      return_curves=True, **extra)
         return torch.cat([both["deletion"].scores, both["insertion"].scores])
@@ -617,7 +617,7 @@ class RectifiesFeatures(TabularHygiene):
         return super().forward(torch.relu_(x) if self.inplace else torch.relu(x), scale)
 
 
-@pytest.mark.parametrize("call", ["occlusion", "deletion", "insertion", "faithfulness", "sanity_check"])
+@pytest.mark.parametrize("call", ["occlusion", "deletion", "insertion", "deletion_insertion", "sanity_check"])
 def test_a_features_model_that_changes_its_input_in_place(call: str) -> None:
     with torch.random.fork_rng():
         torch.manual_seed(0)

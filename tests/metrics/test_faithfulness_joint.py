@@ -1,6 +1,6 @@
-"""Deletion and insertion together (``torchvis.faithfulness``) and the images their chunks are built from:
-each metric bit-identical to its function alone, one ranking and one target pass, every chunk's images
-equal to a per-row reference whatever the chunk size."""
+"""Deletion and insertion together (``torchvis.deletion_insertion``) and the images their chunks are
+built from: each metric bit-identical to its function alone, one ranking and one target pass, every
+chunk's images equal to a per-row reference whatever the chunk size."""
 
 from __future__ import annotations
 
@@ -38,15 +38,15 @@ def test_each_metric_equals_its_function_alone_bit_for_bit(
     a = torch.randn(3, 3, 6, 6, generator=g, dtype=torch.float64).to(dtype)
     base = torch.rand(1, 3, 6, 6, generator=g, dtype=torch.float64).to(dtype)
     kw: dict[str, Any] = dict(pixels_per_step=4, batch_size=batch_size)
-    both = torchvis.faithfulness(model, x, a, None, baseline=base, return_curves=True, **kw)
+    both = torchvis.deletion_insertion(model, x, a, None, baseline=base, return_curves=True, **kw)
     assert list(both) == ["deletion", "insertion"]
     same(both["deletion"], torchvis.deletion(model, x, a, None, baseline=base, return_curves=True, **kw))
     same(both["insertion"], torchvis.insertion(model, x, a, None, return_curves=True, **kw))
     # One metric, another order, a start value, AUCs only.
-    one = torchvis.faithfulness(model, x, a, [1, 0, 4], metrics=("insertion",), start=0.5, **kw)
+    one = torchvis.deletion_insertion(model, x, a, [1, 0, 4], metrics=("insertion",), start=0.5, **kw)
     assert list(one) == ["insertion"]
     same(one["insertion"], torchvis.insertion(model, x, a, [1, 0, 4], start=0.5, **kw))
-    swapped = torchvis.faithfulness(model, x, a, 2, metrics=("insertion", "deletion"), **kw)
+    swapped = torchvis.deletion_insertion(model, x, a, 2, metrics=("insertion", "deletion"), **kw)
     assert list(swapped) == ["insertion", "deletion"]
     same(swapped["deletion"], torchvis.deletion(model, x, a, 2, **kw))
 
@@ -60,8 +60,8 @@ def test_two_inputs_with_forward_arguments_equal_the_functions_alone() -> None:
          torch.randn(4, 4, generator=g, dtype=torch.float64))
     extra: dict[str, Any] = dict(forward_args=(torch.rand(4, generator=g, dtype=torch.float64),),
                                  forward_kwargs={"bias": 0.5}, pixels_per_step=3, batch_size=6)
-    both = torchvis.faithfulness(model, x, a, baseline=(0.0, 1.0), start=("blur", 0.0), return_curves=True,
-                                 **extra)
+    both = torchvis.deletion_insertion(model, x, a, baseline=(0.0, 1.0), start=("blur", 0.0),
+                                       return_curves=True, **extra)
     same(both["deletion"], torchvis.deletion(model, x, a, baseline=(0.0, 1.0), return_curves=True, **extra))
     same(both["insertion"], torchvis.insertion(model, x, a, start=("blur", 0.0), return_curves=True, **extra))
 
@@ -72,7 +72,7 @@ def test_one_target_pass_is_shared(small_cnn: Callable[[int], nn.Module]) -> Non
     sizes: list[int] = []
     handle = model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     try:
-        torchvis.faithfulness(model, x, x, pixels_per_step=4, batch_size=8)
+        torchvis.deletion_insertion(model, x, x, pixels_per_step=4, batch_size=8)
     finally:
         handle.remove()
     # 9 steps of 4 pixels: 10 points x 3 examples = 30 rows a metric, in chunks of 8.
@@ -126,10 +126,10 @@ def test_every_chunk_holds_the_images_of_a_per_row_reference(metric: str, batch_
 def test_bad_metric_names_are_clear_errors(small_cnn: Callable[[int], nn.Module]) -> None:
     model, x = small_cnn(0), torch.zeros(1, 3, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="unknown metric 'deleton'"):
-        torchvis.faithfulness(model, x, x, metrics=("deleton",))
+        torchvis.deletion_insertion(model, x, x, metrics=("deleton",))
     with pytest.raises(TypeError, match="sequence of names"):
-        torchvis.faithfulness(model, x, x, metrics="deletion")
+        torchvis.deletion_insertion(model, x, x, metrics="deletion")
     with pytest.raises(ValueError, match="each once"):
-        torchvis.faithfulness(model, x, x, metrics=("deletion", "deletion"))
+        torchvis.deletion_insertion(model, x, x, metrics=("deletion", "deletion"))
     with pytest.raises(ValueError, match="each once"):
-        torchvis.faithfulness(model, x, x, metrics=())
+        torchvis.deletion_insertion(model, x, x, metrics=())

@@ -33,7 +33,7 @@ from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_mode
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of, take_target
 from torchvis.methods.cam import EmptyMapWarning, upsample_to
 
-__all__ = ["Curves", "deletion", "faithfulness", "importance", "insertion", "ranks", "steps"]
+__all__ = ["Curves", "deletion", "deletion_insertion", "importance", "insertion", "ranks", "steps"]
 
 # The RISE code's substrate for insertion: a Gaussian blur with an 11-pixel kernel and sigma 5.
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
@@ -226,18 +226,18 @@ def insertion(
 
 
 @overload
-def faithfulness(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
-                 metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
-                 baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
-                 return_curves: Literal[False] = False, forward_args: Any = None,
-                 forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Tensor]: ...
+def deletion_insertion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+                       metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                       baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
+                       return_curves: Literal[False] = False, forward_args: Any = None,
+                       forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Tensor]: ...
 @overload
-def faithfulness(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
-                 metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
-                 baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
-                 return_curves: Literal[True], forward_args: Any = None,
-                 forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Curves]: ...
-def faithfulness(
+def deletion_insertion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
+                       metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                       baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
+                       return_curves: Literal[True], forward_args: Any = None,
+                       forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Curves]: ...
+def deletion_insertion(
     model: Model,
     x: InputLike,
     attributions: Attributions,

@@ -18,7 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from torchvis.core.forward import Target
-from torchvis.metrics.faithfulness import deletion, faithfulness, insertion
+from torchvis.metrics.faithfulness import deletion, deletion_insertion, insertion
 
 __all__ = [
     "METRICS",
@@ -90,7 +90,8 @@ def log_scores(
     add_scalar = getattr(writer, "add_scalar", None)
     names = check_metrics(metrics)
     # All metrics of a map at once: one ranking, one target pass (bit-identical to each metric alone).
-    aucs = {key: faithfulness(model, x, attr, target, metrics=names, **options) for key, attr in maps.items()}
+    aucs = {key: deletion_insertion(model, x, attr, target, metrics=names, **options)
+            for key, attr in maps.items()}
     values: dict[str, float] = {}
     for metric in names:
         for key in maps:
