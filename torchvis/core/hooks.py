@@ -205,10 +205,11 @@ class Recording:
 
     For each captured layer name: ``outputs[name]`` is the output of the layer's last call (``[B,K,h,w]``
     for a conv layer), still connected to the autograd graph — differentiate against it, or
-    ``.detach()`` it to keep it. Later in-place operations in the model act on a copy, so the recorded
-    tensor keeps the values the layer produced. ``grads[name]`` is the gradient that reached that output
-    in the last backward pass run inside the block (absent if none ran). ``calls[name]`` counts the
-    layer's calls.
+    ``.detach()`` it to keep it. With :func:`capture`'s ``copy`` (the default), later in-place
+    operations in the model act on a copy, so the recorded tensor keeps the values the layer produced;
+    without it, :meth:`modified` says which recordings a later in-place operation overwrote.
+    ``grads[name]`` is the gradient that reached that output in the last backward pass run inside the
+    block (absent if none ran). ``calls[name]`` counts the layer's calls.
     """
 
     outputs: dict[str, Tensor] = field(default_factory=dict)
@@ -228,10 +229,20 @@ class Recording:
             )
         return out
 
+    def modified(self) -> list[str]:
+        """The names whose recorded tensor was changed in place after the layer returned it (its
+        version counter moved: an in-place op on it or on a view of it)."""
+        return [name for name, out in self.outputs.items() if out._version != self._versions[name]]
+
 
 @contextmanager
 def capture(
-    model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = False, grads: bool = True
+    model: nn.Module,
+    layers: Sequence[LayerAddress],
+    *,
+    inputs: bool = False,
+    grads: bool = True,
+    copy: bool = True,
 ) -> Iterator[Recording]:
     """Record the outputs of ``layers`` while the block runs (and, with ``grads``, the gradients that
     reach them during a backward inside the block).
@@ -250,8 +261,10 @@ def capture(
     ``ValueError`` raised at the layer's call, before any gradient is computed.
 
     Uses forward hooks and tensor hooks only (``register_full_backward_hook`` fails on in-place ReLU).
-    The layer passes a copy of its output (or gets a copy of its input), so an in-place op cannot
-    corrupt the recorded tensor.
+    With ``copy`` (the default) the layer passes a copy of its output (or gets a copy of its input), so
+    an in-place op cannot corrupt the recorded tensor. ``copy=False`` saves that copy (a full pass over
+    the layer's output) for callers that check :meth:`Recording.modified` after the forward and run it
+    again with ``copy`` when a recording was overwritten (:func:`torchvis.core.passes.gradient_pass`).
     """
     resolved = [located(model, one) for one in layers]
     rec = Recording()
@@ -268,7 +281,7 @@ def capture(
             grad_handles.pop(key).remove()
         if grads and value.requires_grad:
             grad_handles[key] = value.register_hook(store_grad)
-        return value.clone()
+        return value.clone() if copy else value
 
     def make_hook(addr: Address) -> ForwardHook:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:

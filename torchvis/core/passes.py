@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -92,20 +92,29 @@ def gradient_pass(
     batch = inputs.batch
     with guarded(model, inputs.first, eval_mode=eval_mode):
         leaves = [grad_leaf(t) for t in inputs.tensors]
-        guide: AbstractContextManager[hooks.ActivationReport | None] = (
-            hooks.guided_relus() if guided else nullcontext()
-        )
-        auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
-            if None in requested else nullcontext([])
-        )
-        recording = (
-            # No gradient hook: the pass takes the layers' gradients from autograd.grad after the block.
-            hooks.capture(model, named, inputs=layer_input, grads=False) if named else nullcontext(None)  # type: ignore[arg-type]
-        )
-        with recording as rec, guide as report, auto as maps:
-            # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
-            logits = inputs.call(model, [leaf.clone() for leaf in leaves])
+        # The layers' outputs are recorded uncopied (a copy is a pass over each); only when a later
+        # in-place op overwrote one (an nn.ReLU(inplace=True) after the layer) does the forward run
+        # again, from the same RNG state, with copies: the same forward as with copies from the start.
+        rewind = _rewinder(inputs.first) if named else None
+        for copy in (False, True):
+            guide: AbstractContextManager[hooks.ActivationReport | None] = (
+                hooks.guided_relus() if guided else nullcontext()
+            )
+            auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
+                hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
+                if None in requested else nullcontext([])
+            )
+            recording = (
+                # No gradient hook: the pass takes the layers' gradients from autograd.grad after the block.
+                hooks.capture(model, named, inputs=layer_input, grads=False, copy=copy)  # type: ignore[arg-type]
+                if named else nullcontext(None)
+            )
+            with recording as rec, guide as report, auto as maps:
+                # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
+                logits = inputs.call(model, [leaf.clone() for leaf in leaves])
+            if rec is None or copy or not rec.modified():
+                break
+            rewind()  # type: ignore[misc]
         # Outside the hooks and the guided ReLU mode: the score is not part of the model (and ops run
         # under a torch function mode pay a Python dispatch each).
         t = resolve_target(target, logits, batch)
@@ -313,6 +322,21 @@ def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:
             stacklevel=5,
         )
     return vit
+
+
+def _rewinder(x: Tensor) -> Callable[[], None]:
+    """A function that puts the global RNG (the CPU's, and that of ``x``'s CUDA device) back where it
+    is now, if it moved (a train-mode dropout draws)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+
+    def rewind() -> None:
+        if not torch.equal(torch.get_rng_state(), cpu):
+            torch.set_rng_state(cpu)
+        if cuda is not None and not torch.equal(torch.cuda.get_rng_state(x.device), cuda):
+            torch.cuda.set_rng_state(cuda, x.device)
+
+    return rewind
 
 
 def _grad(score: Tensor, wanted: list[Tensor]) -> tuple[Tensor, ...]:
