@@ -12,6 +12,7 @@ Public pieces:
 - :func:`unwrap` — the module inside ``torch.compile``, ``nn.DataParallel`` and DDP wrappers, whose
   submodules run (and fire hooks) when it is called.
 - :func:`capture` — record chosen layers' outputs or inputs (and the gradients that reach them).
+- :func:`has_in_place_modules` — whether a model has modules that work in place (``inplace=True``).
 - :func:`forward_hooks` — attach arbitrary forward (pre-)hooks for the duration of a block.
 - :func:`guided_relus` — route every ReLU (module or functional) through the guided-backprop rule.
 - :func:`batch_statistics_only` — train-mode normalisation layers use the batch's statistics and
@@ -233,6 +234,15 @@ class Recording:
         """The names whose recorded tensor was changed in place after the layer returned it (its
         version counter moved: an in-place op on it or on a view of it)."""
         return [name for name, out in self.outputs.items() if out._version != self._versions[name]]
+
+
+def has_in_place_modules(model: nn.Module) -> bool:
+    """Whether a submodule of ``model`` is set to change its input in place (an ``inplace=True``
+    attribute: ``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ...). Functional in-place ops
+    (``F.relu(x, inplace=True)``, ``x += y``) are invisible here; :meth:`Recording.modified` sees
+    their effect after the forward."""
+    # The instance dict: nn.Module.__getattr__ raises (slowly) for the many modules without one.
+    return any(module.__dict__.get("inplace") is True for module in model.modules())
 
 
 @contextmanager

@@ -92,11 +92,12 @@ def gradient_pass(
     batch = inputs.batch
     with guarded(model, inputs.first, eval_mode=eval_mode):
         leaves = [grad_leaf(t) for t in inputs.tensors]
-        # The layers' outputs are recorded uncopied (a copy is a pass over each); only when a later
-        # in-place op overwrote one (an nn.ReLU(inplace=True) after the layer) does the forward run
-        # again, from the same RNG state, with copies: the same forward as with copies from the start.
-        rewind = _rewinder(inputs.first) if named else None
-        for copy in (False, True):
+        # A model without in-place modules gets its layers' outputs recorded uncopied (a copy is a pass
+        # over each); should a functional in-place op (x += y) overwrite one, the forward runs again,
+        # from the same RNG state, with copies: the same forward as with copies from the start.
+        copies = (True,) if not named or hooks.has_in_place_modules(model) else (False, True)  # type: ignore[arg-type]
+        rewind = _rewinder(inputs.first) if copies[0] is False else None
+        for copy in copies:
             guide: AbstractContextManager[hooks.ActivationReport | None] = (
                 hooks.guided_relus() if guided else nullcontext()
             )
