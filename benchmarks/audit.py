@@ -5,7 +5,8 @@ The floor is plain batched inference plus one backward to the input on the same 
 the writing of every map to its shard files (metrics off: deletion/insertion are scored against their
 own floor in ``benchmarks.metrics``). The merge and report, a fixed cost per audit, are timed once.
 Audit and floor alternate per repeat; the figure is the median of the per-repeat ratios, with the
-spread. ``--scaling N`` also times the command on N digits with 1 and 2 processes (torchrun's
+spread (``--threads 1 --cpu-clock``: CPU seconds of one thread, which a shared machine's other jobs
+move little). ``--scaling N`` also times the command on N digits with 1 and 2 processes (torchrun's
 variables, gloo on loopback).
 """
 
@@ -48,7 +49,7 @@ def build(name: str) -> nn.Module:
         return torchvision.models.resnet18(weights=None).eval()
 
 
-def measure(case: str, repeats: int) -> dict[str, float]:
+def measure(case: str, repeats: int, cpu_clock: bool = False) -> dict[str, float]:
     kind, shape, n, batch, layer = CASES[case]
     model = build(kind)
     x = torch.randn(n, *shape, generator=torch.Generator().manual_seed(0))
@@ -70,7 +71,7 @@ def measure(case: str, repeats: int) -> dict[str, float]:
             floor()
 
     try:
-        timing = paired(run_audit, run_floor, torch.device("cpu"), repeats=repeats)
+        timing = paired(run_audit, run_floor, torch.device("cpu"), repeats=repeats, cpu_clock=cpu_clock)
         began = time.perf_counter()
         audit(model, data, root / "out", methods=["saliency", "grad_cam"], layer=layer, metrics=(),
               batch_size=batch, shard_size=512, progress=False)  # shards exist: merge and report only
@@ -127,12 +128,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--scaling", type=int, default=0, metavar="N",
                         help="also time the command on N digits with 1 and 2 processes")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cpu-clock", action="store_true",
+                        help="time the process's CPU seconds, not wall seconds (with --threads 1: "
+                             "a figure that other jobs on a shared machine move little)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = "CPU" if args.cpu_clock else "wall"
+    print(f"{args.threads} thread(s), {clock} clock, load {os.getloadavg()[0]:.2f}")
     print("| model | audit img/s | floor img/s | audit / floor throughput (median, min..max, repeats) "
           "| merge + report, once |")
     print("|---|---|---|---|---|")
     for case in args.cases:
-        r = measure(case, args.repeats)
+        r = measure(case, args.repeats, args.cpu_clock)
         print(f"| {case} | {r['audit_ips']:.1f} | {r['floor_ips']:.1f} | "
               f"{r['ratio']:.2f} ({r['low']:.2f}..{r['high']:.2f}, {r['repeats']:.0f}) "
               f"| {r['fixed']:.1f} s |", flush=True)
@@ -141,6 +149,7 @@ def main() -> None:
         print(f"\nscaling on {args.scaling} digits (wall, process start and torch import included): "
               + ", ".join(f"{w} process{'es' * (w > 1)}: {s:.1f} s ({args.scaling / s:.0f} img/s)"
                           for w, s in seconds.items()))
+    print(f"load after {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
