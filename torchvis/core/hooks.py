@@ -241,8 +241,15 @@ def has_in_place_modules(model: nn.Module) -> bool:
     attribute: ``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ...). Functional in-place ops
     (``F.relu(x, inplace=True)``, ``x += y``) are invisible here; :meth:`Recording.modified` sees
     their effect after the forward."""
-    # The instance dict: nn.Module.__getattr__ raises (slowly) for the many modules without one.
-    return any(module.__dict__.get("inplace") is True for module in model.modules())
+    # A plain walk over the children dicts (model.modules() builds a name per module: 5x slower), reading
+    # the instance dict (nn.Module.__getattr__ raises, slowly, for the many modules without the flag).
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module.__dict__.get("inplace") is True:
+            return True
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return False
 
 
 @contextmanager
