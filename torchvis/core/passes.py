@@ -74,7 +74,10 @@ def gradient_pass(
     are taken instead of their outputs. With ``guided``, every ReLU's backward follows guided
     backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable. A
     wrapped module (``torch.compile``, ``DataParallel``) runs as its original module
-    (:func:`hooks.unwrap`).
+    (:func:`hooks.unwrap`). The layers' outputs are kept without a copy unless the model has modules
+    that work in place (:func:`hooks.has_in_place_modules`); if a functional in-place op (``y += x``,
+    ``F.relu(y, inplace=True)``) overwrites one, the forward runs once more, with copies and from the
+    same RNG state — the same maps, at the cost of a second forward.
     """
     inputs = as_inputs(x)
     check_model(model)
