@@ -60,3 +60,12 @@ def test_explain_warns_too_and_an_informative_map_does_not() -> None:
         warnings.simplefilter("error")
         torchvis.grad_cam(OffsetCNN(), x, target=0, layer="conv")
         warn_if_empty(torch.ones(2, 1, 3, 3), -torch.ones(2, 4, 3, 3), "x")
+
+
+def test_a_signed_map_is_empty_only_where_every_value_is_zero() -> None:
+    heat = torch.zeros(4, 1, 2, 3)
+    heat[0, 0, 1, 2] = -0.5  # relu=False keeps signs: negative somewhere is not empty
+    heat[1, 0, 0, 0] = 2.0
+    heat[2] = -1.0
+    with pytest.warns(EmptyMapWarning, match="exactly zero for 1 of 4 examples"):
+        warn_if_empty(heat, torch.ones(4, 2, 2, 3), "layer")

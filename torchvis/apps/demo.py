@@ -85,7 +85,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="the tank story: plant a white square in a corner of every training image of "
                              "DIGIT, then audit the training set (see the README)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/demo-<time>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights and order")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the split, weights, order and dropout")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -116,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
 
     probe_x, probe_y = data.test_x[probe], data.test_y[probe]
     with contextlib.ExitStack() as stack:
+        # Dropout draws its masks from the global RNG: seeded here (and put back afterwards, for a
+        # caller of main()), the whole run is reproducible from --seed.
+        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+        torch.manual_seed(args.seed)
         # Empty-map warnings are true, but one per logging step would bury the demo's output: they
         # are counted and summarised once at the end instead.
         empty = stack.enter_context(warnings.catch_warnings(record=True))

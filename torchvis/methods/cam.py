@@ -2,7 +2,7 @@
 
 A CAM variant is a function of the layer's activation ``A`` and the target logit's gradient ``g``
 there (both ``[B,K,*spatial]``: ``[B,K,h,w]`` for a Conv2d layer, ``[B,K,L]`` for Conv1d,
-``[B,K,d,h,w]`` for Conv3d) returning the unrectified heat ``[B,1,*spatial]``; :func:`finish_cam`
+``[B,K,d,h,w]`` for Conv3d) returning the unrectified heat ``[B,1,*spatial]``; :func:`cam_from`
 rectifies and upsamples it. Every variant at every layer reads the one shared forward+backward.
 
 The layer options every CAM takes: ``layer`` a dotted name or module, or one element of a tuple
@@ -99,7 +99,7 @@ class EmptyMapWarning(UserWarning):
 def warn_if_empty(heat: Tensor, activation: Tensor, layer_name: str) -> None:
     """Warn when the CAM ``heat`` ``[B,1,h,w]`` is exactly zero for some examples, saying for how many;
     when the layer's ``activation`` has negative values, suggest the activation after the layer."""
-    empty = int((heat == 0).flatten(1).all(dim=1).sum())
+    empty = heat.flatten(1).abs().amax(dim=1).tolist().count(0)
     if not empty:
         return
     hint = (
@@ -156,13 +156,6 @@ def upsample_to(heat: Tensor, x: Tensor, upsample: Upsample = True) -> Tensor:
     return F.interpolate(heat, size=size, mode=mode, align_corners=False)
 
 
-def finish_cam(heat: Tensor, x: Tensor, *, relu: bool, upsample: Upsample) -> Tensor:
-    """Rectify (unless ``relu=False``) a CAM heat ``[B,1,*spatial]`` and bring it to ``x``'s dtype and,
-    unless ``upsample`` is ``None``/``False``, to its spatial shape."""
-    heat = (heat.clamp_min(0) if relu else heat).to(x.dtype)
-    return upsample_to(heat, x, upsample)
-
-
 Heat = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -177,8 +170,10 @@ def cam_from(
     layer = shared.layer or "the layer"
     check_feature_map(activation, method, layer, shared.x)
     value = heat(accumulate(activation), accumulate(grad))
-    warn_if_empty(value.clamp_min(0) if relu else value, activation, layer)
-    return finish_cam(value, shared.x, relu=relu, upsample=upsample)
+    if relu:
+        value = value.clamp_min(0)
+    warn_if_empty(value, activation, layer)
+    return upsample_to(value.to(shared.x.dtype), shared.x, upsample)
 
 
 def grad_cam_from(

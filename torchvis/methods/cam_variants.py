@@ -3,7 +3,7 @@ into a map.
 
 Each variant is a heat function of the layer's activation ``A`` and the target logit's gradient
 ``g`` there (both ``[B,K,*spatial]``) returning the unrectified heat ``[B,1,*spatial]``, like
-:func:`torchvis.methods.cam.grad_cam_heat`; :func:`torchvis.methods.cam.finish_cam` rectifies and
+:func:`torchvis.methods.cam.grad_cam_heat`; :func:`torchvis.methods.cam.cam_from` rectifies and
 upsamples it. All of them read the shared forward+backward, so :func:`torchvis.explain` computes
 every variant at every layer from the one pass it runs for saliency and Grad-CAM.
 """
