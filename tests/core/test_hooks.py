@@ -51,6 +51,27 @@ def test_capture_records_output_before_later_inplace_op(randn: Callable[..., Ten
     assert attached(model) == []
 
 
+def test_capture_without_copy_reports_a_record_overwritten_in_place(randn: Callable[..., Tensor]) -> None:
+    model, x = conv_relu(), randn(0, 2, 2, 5, 5)  # conv -> nn.ReLU(inplace=True)
+    conv = model[0]
+    assert isinstance(conv, nn.Conv2d)
+    expected = F.conv2d(x, conv.weight, conv.bias, padding=1).detach()
+    with torch.no_grad(), capture(model, ["0"], copy=False) as rec:
+        out = model(x)
+    assert rec.outputs["0"] is out  # uncopied: the in-place ReLU wrote over the record
+    assert rec.modified() == ["0"]
+    with pytest.raises(RuntimeError, match="modified in place"):
+        rec.output("0")
+    with torch.no_grad(), capture(model, ["0"]) as rec:  # copy=True, the default
+        model(x)
+    assert rec.modified() == [] and torch.equal(rec.output("0"), expected)
+    plain = nn.Sequential(conv, nn.ReLU())
+    with torch.no_grad(), capture(plain, ["0"], copy=False) as rec:
+        out = plain(x)
+    assert rec.modified() == [] and torch.equal(rec.output("0"), expected)
+    assert torch.equal(out, expected.clamp_min(0)) and attached(plain) == []
+
+
 def test_recording_grads_match_autograd(randn: Callable[..., Tensor]) -> None:
     model, x = conv_relu(1), randn(1, 2, 2, 5, 5)
     v = randn(2, 2, 3, 5, 5)

@@ -60,6 +60,19 @@ class HygieneNet(nn.Module):
         return self.head(self.fuse(self.relu2(self.conv2(x))))
 
 
+class FunctionalHygieneNet(HygieneNet):
+    """HygieneNet with its first ReLU a functional in-place one: no module says ``inplace``, so the
+    shared pass records "bn1" uncopied, sees the ReLU overwrite it and runs the forward again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu1 = nn.ReLU()  # unused; keeps the parameters and buffers HygieneNet's
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.drop(torch.nn.functional.relu(self.bn1(self.conv1(x)), inplace=True))
+        return self.head(self.fuse(self.relu2(self.conv2(x))))
+
+
 def options_for(name: str) -> dict[str, Any]:
     """What the registered method needs on HygieneNet; "bn1" is followed by an in-place ReLU."""
     return conftest.options_for(name, layer="bn1")
@@ -73,12 +86,12 @@ def run(name: str, model: nn.Module, x: Tensor, **kwargs: Any) -> dict[str, Tens
     return {name: METHODS[name](model, x, **options_for(name), **kwargs)}
 
 
-def used_model(mode: str) -> HygieneNet:
+def used_model(mode: str, build: type[HygieneNet] = HygieneNet) -> HygieneNet:
     """A HygieneNet with real gradients on its parameters (one left None), non-trivial batch-norm
     statistics, and the given mix of training flags."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = HygieneNet().double().train()
+        model = build().double().train()
         for _ in range(3):
             x = torch.randn(4, 3, 6, 6, dtype=torch.float64) * 2 + 1
             model(x).logsumexp(dim=1).sum().backward()
@@ -156,7 +169,17 @@ def assert_untouched(model: nn.Module, x: Tensor, before: dict[str, Any]) -> Non
 @pytest.mark.parametrize("outcome", ["normal", "raise-in-1st-forward", "raise-in-2nd-forward"])
 @pytest.mark.parametrize("name", CALLS)
 def test_call_leaves_everything_as_it_was(name: str, outcome: str, mode: str, x_kind: str) -> None:
-    model, x = used_model(mode), user_input(x_kind)
+    check_call(name, outcome, used_model(mode), user_input(x_kind))
+
+
+@pytest.mark.parametrize("outcome", ["normal", "raise-in-1st-forward", "raise-in-2nd-forward"])
+@pytest.mark.parametrize("name", CALLS)
+def test_call_that_runs_the_forward_again_leaves_everything_as_it_was(name: str, outcome: str) -> None:
+    # The layer methods at "bn1" run the forward twice here; "raise-in-2nd-forward" raises in the rerun.
+    check_call(name, outcome, used_model("train", FunctionalHygieneNet), user_input("leaf-with-grad"))
+
+
+def check_call(name: str, outcome: str, model: HygieneNet, x: Tensor) -> None:
     eval_twin = copy.deepcopy(model).eval()
     before = snapshot(model, x)
     assert any(g is not None for g in before["grads"].values())
@@ -187,10 +210,11 @@ def test_call_leaves_everything_as_it_was(name: str, outcome: str, mode: str, x_
             assert not result[key].requires_grad
 
 
+@pytest.mark.parametrize("build", [HygieneNet, FunctionalHygieneNet])
 @pytest.mark.parametrize("name", CALLS)
-def test_train_mode_attribution_does_not_move_the_global_rng(name: str) -> None:
+def test_train_mode_attribution_does_not_move_the_global_rng(name: str, build: type[HygieneNet]) -> None:
     # eval_mode=False keeps dropout active: its masks come from a forked RNG.
-    model, x = used_model("train"), user_input("leaf-with-grad")
+    model, x = used_model("train", build), user_input("leaf-with-grad")
     before = snapshot(model, x)
     first = run(name, model, x, eval_mode=False)
     assert_untouched(model, x, before)

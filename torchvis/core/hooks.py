@@ -12,6 +12,7 @@ Public pieces:
 - :func:`unwrap` — the module inside ``torch.compile``, ``nn.DataParallel`` and DDP wrappers, whose
   submodules run (and fire hooks) when it is called.
 - :func:`capture` — record chosen layers' outputs or inputs (and the gradients that reach them).
+- :func:`has_in_place_modules` — whether a model has modules that work in place (``inplace=True``).
 - :func:`forward_hooks` — attach arbitrary forward (pre-)hooks for the duration of a block.
 - :func:`guided_relus` — route every ReLU (module or functional) through the guided-backprop rule.
 - :func:`batch_statistics_only` — train-mode normalisation layers use the batch's statistics and
@@ -205,10 +206,11 @@ class Recording:
 
     For each captured layer name: ``outputs[name]`` is the output of the layer's last call (``[B,K,h,w]``
     for a conv layer), still connected to the autograd graph — differentiate against it, or
-    ``.detach()`` it to keep it. Later in-place operations in the model act on a copy, so the recorded
-    tensor keeps the values the layer produced. ``grads[name]`` is the gradient that reached that output
-    in the last backward pass run inside the block (absent if none ran). ``calls[name]`` counts the
-    layer's calls.
+    ``.detach()`` it to keep it. With :func:`capture`'s ``copy`` (the default), later in-place
+    operations in the model act on a copy, so the recorded tensor keeps the values the layer produced;
+    without it, :meth:`modified` says which recordings a later in-place operation overwrote.
+    ``grads[name]`` is the gradient that reached that output in the last backward pass run inside the
+    block (absent if none ran). ``calls[name]`` counts the layer's calls.
     """
 
     outputs: dict[str, Tensor] = field(default_factory=dict)
@@ -228,10 +230,36 @@ class Recording:
             )
         return out
 
+    def modified(self) -> list[str]:
+        """The names whose recorded tensor was changed in place after the layer returned it (its
+        version counter moved: an in-place op on it or on a view of it)."""
+        return [name for name, out in self.outputs.items() if out._version != self._versions[name]]
+
+
+def has_in_place_modules(model: nn.Module) -> bool:
+    """Whether a submodule of ``model`` is set to change its input in place (an ``inplace=True``
+    attribute: ``nn.ReLU(inplace=True)``, ``nn.Dropout(inplace=True)``, ...). Functional in-place ops
+    (``F.relu(x, inplace=True)``, ``x += y``) are invisible here; :meth:`Recording.modified` sees
+    their effect after the forward."""
+    # A plain walk over the children dicts (model.modules() builds a name per module: 5x slower), reading
+    # the instance dict (nn.Module.__getattr__ raises, slowly, for the many modules without the flag).
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module.__dict__.get("inplace") is True:
+            return True
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return False
+
 
 @contextmanager
 def capture(
-    model: nn.Module, layers: Sequence[LayerAddress], *, inputs: bool = False, grads: bool = True
+    model: nn.Module,
+    layers: Sequence[LayerAddress],
+    *,
+    inputs: bool = False,
+    grads: bool = True,
+    copy: bool = True,
 ) -> Iterator[Recording]:
     """Record the outputs of ``layers`` while the block runs (and, with ``grads``, the gradients that
     reach them during a backward inside the block).
@@ -250,8 +278,10 @@ def capture(
     ``ValueError`` raised at the layer's call, before any gradient is computed.
 
     Uses forward hooks and tensor hooks only (``register_full_backward_hook`` fails on in-place ReLU).
-    The layer passes a copy of its output (or gets a copy of its input), so an in-place op cannot
-    corrupt the recorded tensor.
+    With ``copy`` (the default) the layer passes a copy of its output (or gets a copy of its input), so
+    an in-place op cannot corrupt the recorded tensor. ``copy=False`` saves that copy (a full pass over
+    the layer's output) for callers that check :meth:`Recording.modified` after the forward and run it
+    again with ``copy`` when a recording was overwritten (:func:`torchvis.core.passes.gradient_pass`).
     """
     resolved = [located(model, one) for one in layers]
     rec = Recording()
@@ -268,7 +298,7 @@ def capture(
             grad_handles.pop(key).remove()
         if grads and value.requires_grad:
             grad_handles[key] = value.register_hook(store_grad)
-        return value.clone()
+        return value.clone() if copy else value
 
     def make_hook(addr: Address) -> ForwardHook:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -74,7 +74,10 @@ def gradient_pass(
     are taken instead of their outputs. With ``guided``, every ReLU's backward follows guided
     backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable. A
     wrapped module (``torch.compile``, ``DataParallel``) runs as its original module
-    (:func:`hooks.unwrap`).
+    (:func:`hooks.unwrap`). The layers' outputs are kept without a copy unless the model has modules
+    that work in place (:func:`hooks.has_in_place_modules`); if a functional in-place op (``y += x``,
+    ``F.relu(y, inplace=True)``) overwrites one, the forward runs once more, with copies and from the
+    same RNG state — the same maps, at the cost of a second forward.
     """
     inputs = as_inputs(x)
     check_model(model)
@@ -92,20 +95,30 @@ def gradient_pass(
     batch = inputs.batch
     with guarded(model, inputs.first, eval_mode=eval_mode):
         leaves = [grad_leaf(t) for t in inputs.tensors]
-        guide: AbstractContextManager[hooks.ActivationReport | None] = (
-            hooks.guided_relus() if guided else nullcontext()
-        )
-        auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-            hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
-            if None in requested else nullcontext([])
-        )
-        recording = (
-            # No gradient hook: the pass takes the layers' gradients from autograd.grad after the block.
-            hooks.capture(model, named, inputs=layer_input, grads=False) if named else nullcontext(None)  # type: ignore[arg-type]
-        )
-        with recording as rec, guide as report, auto as maps:
-            # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
-            logits = inputs.call(model, [leaf.clone() for leaf in leaves])
+        # A model without in-place modules gets its layers' outputs recorded uncopied (a copy is a pass
+        # over each); should a functional in-place op (x += y) overwrite one, the forward runs again,
+        # from the same RNG state, with copies: the same forward as with copies from the start.
+        copies = (True,) if not named or hooks.has_in_place_modules(model) else (False, True)  # type: ignore[arg-type]
+        rewind = _rewinder(inputs.first) if copies[0] is False else None
+        for copy in copies:
+            guide: AbstractContextManager[hooks.ActivationReport | None] = (
+                hooks.guided_relus() if guided else nullcontext()
+            )
+            auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
+                hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
+                if None in requested else nullcontext([])
+            )
+            recording = (
+                # No gradient hook: the pass takes the layers' gradients from autograd.grad after the block.
+                hooks.capture(model, named, inputs=layer_input, grads=False, copy=copy)  # type: ignore[arg-type]
+                if named else nullcontext(None)
+            )
+            with recording as rec, guide as report, auto as maps:
+                # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
+                logits = inputs.call(model, [leaf.clone() for leaf in leaves])
+            if rec is None or copy or not rec.modified():
+                break
+            rewind()  # type: ignore[misc]
         # Outside the hooks and the guided ReLU mode: the score is not part of the model (and ops run
         # under a torch function mode pay a Python dispatch each).
         t = resolve_target(target, logits, batch)
@@ -313,6 +326,21 @@ def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:
             stacklevel=5,
         )
     return vit
+
+
+def _rewinder(x: Tensor) -> Callable[[], None]:
+    """A function that puts the global RNG (the CPU's, and that of ``x``'s CUDA device) back where it
+    is now, if it moved (a train-mode dropout draws)."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+
+    def rewind() -> None:
+        if not torch.equal(torch.get_rng_state(), cpu):
+            torch.set_rng_state(cpu)
+        if cuda is not None and not torch.equal(torch.cuda.get_rng_state(x.device), cuda):
+            torch.cuda.set_rng_state(cuda, x.device)
+
+    return rewind
 
 
 def _grad(score: Tensor, wanted: list[Tensor]) -> tuple[Tensor, ...]:

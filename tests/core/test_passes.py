@@ -1,0 +1,125 @@
+"""The shared gradient pass records its layers uncopied unless an in-place op could overwrite them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import torchvis
+from torchvis.core.hooks import has_in_place_modules
+from torchvis.core.passes import gradient_pass
+
+
+class Net(nn.Module):
+    """conv1 -> ReLU -> conv2 -> batch-norm (+ the ReLU output) -> ReLU -> dropout -> GAP -> linear.
+
+    ``kind`` says how the ReLUs and the sum run: ``"plain"`` out of place; ``"functional"`` in place on
+    the previous op's output with ``F.relu(inplace=True)``, ``+=`` and ``relu_`` (invisible to a module
+    walk); ``"modules"`` with ``nn.ReLU(inplace=True)`` modules. Every kind computes the same values.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv1 = nn.Conv2d(2, 4, 3)
+        self.relu = nn.ReLU(inplace=kind == "modules")
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(4, 3)
+        self.forwards = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.forwards += 1
+        a = self.conv1(x)
+        if self.kind == "functional":
+            h = F.relu(a, inplace=True)
+            y = self.bn(self.conv2(h))
+            y += h
+            y.relu_()
+        else:
+            h = self.relu(a)
+            y = self.relu(self.bn(self.conv2(h)) + h)
+        return self.fc(self.drop(y.mean(dim=(2, 3))))
+
+
+def build(kind: str) -> Net:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = Net(kind).double().eval()
+        with torch.no_grad():
+            model.bn.running_mean.uniform_(-0.5, 0.5)
+            model.bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def reference(x: Tensor, layer: str, eval_mode: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Logits, input gradient, and the layer's output and gradient, from the out-of-place twin and a
+    plain forward hook; with ``eval_mode=False`` the dropout draws from the global RNG as it is now."""
+    model = build("plain")
+    model.train(not eval_mode)  # batch-norm on the batch's statistics, as gradient_pass runs it then
+    kept: list[Tensor] = []
+    handle = getattr(model, layer).register_forward_hook(lambda m, i, out: kept.append(out))
+    try:
+        leaf = x.detach().clone().requires_grad_(True)
+        logits = model(leaf)
+    finally:
+        handle.remove()
+    score = logits.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
+    gx, ga = torch.autograd.grad(score, [leaf, kept[0]])
+    return logits.detach(), gx, kept[0].detach(), ga
+
+
+@pytest.mark.parametrize("eval_mode", [True, False])
+@pytest.mark.parametrize("layer", ["conv1", "bn"])
+@pytest.mark.parametrize("kind", ["plain", "functional", "modules"])
+def test_pass_equals_the_out_of_place_reference_bit_for_bit(
+    kind: str, layer: str, eval_mode: bool, randn: Callable[..., Tensor]
+) -> None:
+    model, x = build(kind).train(not eval_mode), randn(0, 3, 2, 7, 7)
+    torch.manual_seed(7)  # the dropout masks (eval_mode=False) come from here, in both runs
+    expected = reference(x, layer, eval_mode)
+    torch.manual_seed(7)
+    got = gradient_pass(model, x, layers=[layer], input_grad=True, eval_mode=eval_mode)
+    # One forward, unless a functional in-place op overwrote the uncopied record: then one more, with
+    # copies, from the same RNG state (the same dropout masks).
+    assert model.forwards == (2 if kind == "functional" else 1)
+    assert expected[2].min() < 0  # the ReLU after the layer changes these values when it acts on them
+    names = ["logits", "input grad", "activation", "layer grad"]
+    for name, want, have in zip(names, expected, (got.logits, got.input_grad, got.activations[layer],
+                                                  got.grads[layer]), strict=True):
+        torch.testing.assert_close(have, want, rtol=0, atol=0, msg=name)
+
+
+def test_pass_without_in_place_ops_records_the_tensor_the_model_used(randn: Callable[..., Tensor]) -> None:
+    model, x = build("plain"), randn(1, 2, 2, 7, 7)
+    received: list[Tensor] = []
+    handle = model.relu.register_forward_pre_hook(lambda m, args: received.append(args[0]))
+    try:
+        got = gradient_pass(model, x, layers=["conv1"], input_grad=True)
+    finally:
+        handle.remove()
+    # No copy: the recorded output is the very tensor the ReLU after conv1 read.
+    assert got.activations["conv1"].data_ptr() == received[0].data_ptr()
+    assert model.forwards == 1
+
+
+def test_has_in_place_modules() -> None:
+    assert has_in_place_modules(build("modules"))
+    assert not has_in_place_modules(build("plain"))
+    assert not has_in_place_modules(build("functional"))  # functional ops: seen after the forward
+    assert has_in_place_modules(nn.Sequential(nn.Linear(2, 2), nn.Dropout(inplace=True)))
+
+
+@pytest.mark.parametrize("kind", ["functional", "modules"])
+def test_grad_cam_at_a_layer_overwritten_in_place(kind: str, randn: Callable[..., Tensor]) -> None:
+    # Closed form of Grad-CAM on the reference's activation and gradient (Selvaraju et al. 2017).
+    x = randn(2, 3, 2, 7, 7)
+    _, _, a, g = reference(x, "conv1", eval_mode=True)
+    expected = (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True).clamp_min(0)
+    got = torchvis.grad_cam(build(kind), x, layer="conv1", upsample=None)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
