@@ -40,7 +40,7 @@ from torchvis.apps.files import write_atomic
 from torchvis.apps.loading import InputError, Preprocess, find_images, open_image, read_image
 from torchvis.core.forward import checked_logits, guarded
 from torchvis.methods.combine import explain_batch, unique_specs
-from torchvis.metrics.faithfulness import deletion, importance, insertion
+from torchvis.metrics.faithfulness import deletion_insertion, importance
 from torchvis.tracking.tensorboard import model_device
 
 SHARDS = "shards"
@@ -256,10 +256,11 @@ class ShardRun:
         }
         for key, maps in result.maps.items():
             columns[f"map:{key}"] = _compact(maps)
-            for metric in self.metrics:
-                score = deletion if metric == "deletion" else insertion
-                auc = score(self.model, x, maps, predicted, pixels_per_step=self.pixels_per_step)
-                columns[f"{metric}:{key}"] = auc.float().cpu().numpy()
+            if self.metrics:  # one ranking and one target pass for both (each as its function alone)
+                aucs = deletion_insertion(self.model, x, maps, predicted, metrics=self.metrics,
+                                          pixels_per_step=self.pixels_per_step)
+                for metric in self.metrics:
+                    columns[f"{metric}:{key}"] = aucs[metric].float().cpu().numpy()
             if batch.regions is not None:
                 share = (mass(maps, x) * (batch.regions.to(self.device) != 0)).sum(dim=(1, 2))
                 columns[f"inside:{key}"] = share.cpu().numpy()
