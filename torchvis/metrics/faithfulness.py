@@ -32,17 +32,12 @@ from torchvis.core.forward import check_finite, checked_logits, guarded
 from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, fill_like, fills, per_input
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of, take_target
 from torchvis.methods.cam import EmptyMapWarning, upsample_to
+from torchvis.methods.perturbation import batch_size_for
 
 __all__ = ["Curves", "deletion", "deletion_insertion", "importance", "insertion", "ranks", "steps"]
 
 # The RISE code's substrate for insertion: a Gaussian blur with an 11-pixel kernel and sigma 5.
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
-
-# Images per forward pass when none is given, on a CPU: as for occlusion, as many as hold about 1.2
-# million input values (8 images of 3x224x224), at most 128, where the digits CNN's throughput peaks
-# (benchmarks/metrics.py: 512 a batch cost 1.7x the forwards at 128, single thread); larger batches
-# overflow the caches with their activations, and memory grows with them.
-_CPU_BATCH_VALUES = 8 * 3 * 224 * 224
 
 
 class Curves(NamedTuple):
@@ -112,16 +107,6 @@ def steps(pixels: int, pixels_per_step: int | None) -> tuple[int, int]:
     if isinstance(pixels_per_step, bool) or not isinstance(pixels_per_step, int) or pixels_per_step < 1:
         raise ValueError(f"pixels_per_step must be a positive int; got {pixels_per_step!r}")
     return pixels_per_step, math.ceil(pixels / pixels_per_step)
-
-
-def default_batch_size(x: InputLike) -> int:
-    """Inputs per forward pass when none is given: on the CPU as many as hold about 1.2 million input
-    values (8 of 3x224x224, 32 of 3x112x112; every input of a tuple counted), at most 128; on an
-    accelerator 64."""
-    tensors = x if isinstance(x, tuple) else (x,)
-    if tensors[0].device.type != "cpu":
-        return 64
-    return max(1, min(128, _CPU_BATCH_VALUES // sum(t[0].numel() for t in tensors)))
 
 
 def _inputs(x: object, forward_args: object, forward_kwargs: Mapping[str, Any] | None) -> Inputs:
@@ -322,9 +307,7 @@ def _curves(
     weights = [importance(a, t) for a, t in zip(attributions, inputs.tensors, strict=True)]
     pixels = sum(w.shape[1] for w in weights)
     per_step, n = steps(pixels, pixels_per_step)
-    batch_size = default_batch_size(inputs.tensors) if batch_size is None else batch_size
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    batch_size = batch_size_for(inputs, batch_size)  # occlusion's: the same forward-only work
     joint = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
     _warn_constant(joint, image=inputs.first.dim() == 4 and len(weights) == 1)
     # Each input's ranks, shaped to broadcast over its channels: [B,1,*spatial], or [B,N].
