@@ -43,6 +43,7 @@ from benchmarks.timing import Timing, paired, time_once
 from torchvis.apps.digits import MNIST_MEAN, MNIST_STD, DigitsCNN
 from torchvis.methods.cam import EmptyMapWarning
 from torchvis.methods.combine import explain
+from torchvis.methods.perturbation import default_batch_size
 from torchvis.metrics.faithfulness import deletion, insertion, ranks, steps
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.scores import monitor_pixels_per_step
@@ -134,7 +135,7 @@ def monitor_step(repeats: int) -> list[dict[str, Any]]:
         def floor() -> None:
             without.log(next(step))
             with torch.inference_mode():
-                for chunk in images.split(64):
+                for chunk in images.split(default_batch_size(x)):
                     model(chunk)
 
         floored = paired(lambda: with_metrics.log(next(step)), floor, CPU, repeats=repeats,
@@ -144,7 +145,7 @@ def monitor_step(repeats: int) -> list[dict[str, Any]]:
         _row("monitor log step, 2 methods, 16 digits: with both metrics / without", timing, 2.0,
              floor="the same step without metrics"),
         _row(f"the same, against the step without + plain forwards of its {images.shape[0]} scored images",
-             floored, 1.1, floor="step without metrics + forwards at batch 64 (the metrics' default)"),
+             floored, 1.1, floor="step without metrics + forwards at the metrics' default batch"),
     ]
 
 

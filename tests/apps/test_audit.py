@@ -196,3 +196,13 @@ def test_a_figure_shows_at_most_max_shown_classes_flagged_first() -> None:
     assert len(shown) == MAX_SHOWN and shown == sorted(shown) and 3 in shown
     assert set(shown) - {3} == set(range(60 - MAX_SHOWN + 1, 60))  # then the most frequent
     assert shown_classes(counts[:10], [], "true") == list(range(10))
+
+
+@pytest.mark.parametrize(("metrics", "message"), [(("deletion", "deletion"), "names a metric twice"),
+                                                  (("deleton",), "unknown metric 'deleton'")])
+def test_bad_metric_names_fail_before_anything_is_written(metrics: tuple[str, ...], message: str,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "audit"
+    with pytest.raises(ValueError, match=message):
+        audit(corner_model(), corner_data(4), out, methods=["saliency"], metrics=metrics, progress=False)
+    assert not out.exists()

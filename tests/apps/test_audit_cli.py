@@ -87,7 +87,8 @@ BAD = {
     "output is a file": (lambda images, tmp: [images, "--out", _file(tmp)], "exists and is not a folder"),
     "output under a file": (lambda images, tmp: [images, "--out", _file(tmp) / "sub"], "a-file', a file"),
     "unknown method": (lambda images, tmp: [images, "--methods", "salincy"], "unknown method(s) ['salincy']"),
-    "unknown metric": (lambda images, tmp: [images, "--metrics", "deletio"], "unknown ['deletio']"),
+    "unknown metric": (lambda images, tmp: [images, "--metrics", "deletio"], "unknown metric 'deletio'"),
+    "metric twice": (lambda images, tmp: [images, "--metrics", "deletion,deletion"], "names a metric twice"),
 }
 
 

@@ -40,6 +40,9 @@ def test_each_metric_equals_its_function_alone_bit_for_bit(
     kw: dict[str, Any] = dict(pixels_per_step=4, batch_size=batch_size)
     both = torchvis.deletion_insertion(model, x, a, None, baseline=base, return_curves=True, **kw)
     assert list(both) == ["deletion", "insertion"]
+    for curves in both.values():  # ordinary tensors, which a caller may change in place
+        assert not curves.scores.is_inference() and not curves.auc.is_inference()
+        curves.scores.mul_(1)
     same(both["deletion"], torchvis.deletion(model, x, a, None, baseline=base, return_curves=True, **kw))
     same(both["insertion"], torchvis.insertion(model, x, a, None, return_curves=True, **kw))
     # One metric, another order, a start value, AUCs only.
@@ -129,7 +132,7 @@ def test_bad_metric_names_are_clear_errors(small_cnn: Callable[[int], nn.Module]
         torchvis.deletion_insertion(model, x, x, metrics=("deleton",))
     with pytest.raises(TypeError, match="sequence of names"):
         torchvis.deletion_insertion(model, x, x, metrics="deletion")
-    with pytest.raises(ValueError, match="each once"):
+    with pytest.raises(ValueError, match="names a metric twice"):
         torchvis.deletion_insertion(model, x, x, metrics=("deletion", "deletion"))
-    with pytest.raises(ValueError, match="each once"):
+    with pytest.raises(ValueError, match="metrics is empty"):
         torchvis.deletion_insertion(model, x, x, metrics=())

@@ -19,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import torchvis
 from torchvis.tracking.monitor import Monitor
-from torchvis.tracking.scores import scores_layout
+from torchvis.tracking.scores import log_scores, scores_layout
 from torchvis.tracking.tensorboard import PNGWriter
 
 MEAN, STD = 0.5, 0.25
@@ -117,6 +117,18 @@ def test_the_custom_scalars_layout_is_registered_once(tmp_path: Path) -> None:
         metric = title.split()[0]
         assert sorted(t for t in scalar_tags if re.match(pattern, t)) == [f"probe/{metric}/grad_cam",
                                                                           f"probe/{metric}/saliency"]
+
+
+def test_log_scores_without_metrics_scores_nothing() -> None:
+    model, x, _ = setup()
+    written: list[tuple[str, float]] = []
+
+    class Sink:
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            written.append((tag, value))
+
+    assert log_scores(Sink(), model, x, {"saliency": x}, None, metrics=(), step=0) == {}
+    assert written == []
 
 
 def test_without_metrics_nothing_more_is_logged(tmp_path: Path) -> None:

@@ -40,13 +40,12 @@ from torchvis.apps.files import write_atomic
 from torchvis.apps.loading import InputError, Preprocess, find_images, open_image, read_image
 from torchvis.core.forward import checked_logits, guarded
 from torchvis.methods.combine import explain_batch, unique_specs
-from torchvis.metrics.faithfulness import deletion_insertion, importance
+from torchvis.metrics.faithfulness import METRICS, check_metrics, deletion_insertion, importance
 from torchvis.tracking.tensorboard import model_device
 
 SHARDS = "shards"
 INDEX = "index.csv"
 CLASS_MEANS = "class_means.npz"
-METRICS = ("deletion", "insertion")
 GROUPINGS = {"true": "label", "predicted": "predicted"}  # class-mean name -> the array it groups by
 FLOAT16_MAX = 65504.0
 
@@ -179,9 +178,7 @@ def audit(
     for occlusion, ...). ``barrier`` is called after this rank's shards (``torch.distributed.barrier``
     under ``torchrun``) before rank 0 merges.
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; known: {', '.join(METRICS)}")
+    metrics = check_metrics(metrics)
     if batch_size < 1 or shard_size < 1 or steps < 1:
         raise ValueError("batch_size, shard_size and steps must be at least 1")
     if len(data) == 0:

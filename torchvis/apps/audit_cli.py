@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from torchvis.apps.audit import METRICS, FolderData, audit
+from torchvis.apps.audit import FolderData, audit
 from torchvis.apps.files import check_output_folder
 from torchvis.apps.loading import InputError, ModelKind, load_model, read_class_names
 from torchvis.apps.model_options import add_model_options, chosen_methods, import_plugin, preprocess_for
 from torchvis.methods.spec import SPECS
+from torchvis.metrics.faithfulness import METRICS, check_metrics
 
 DEFAULT_METHODS = ("saliency", "grad_cam")
 
@@ -93,9 +94,10 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         import_plugin(plugin)
     methods = chosen_methods(args.methods, DEFAULT_METHODS)
     metrics = () if args.metrics == "none" else tuple(m.strip() for m in args.metrics.split(",") if m.strip())
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise InputError(f"--metrics: unknown {unknown}; known: {', '.join(METRICS)}, or none")
+    try:
+        check_metrics(metrics)
+    except ValueError as err:
+        raise InputError(f"--metrics: {err}, or none") from err
     for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--shard-size", args.shard_size)):
         if value < 1:

@@ -19,6 +19,7 @@ as is an index into a larger output or a model returning one score per example.
 
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,13 @@ from torchvis.core.targets import Resolved, Target, is_function, resolve_target,
 from torchvis.methods.cam import EmptyMapWarning, upsample_to
 from torchvis.methods.perturbation import batch_size_for
 
-__all__ = ["Curves", "deletion", "deletion_insertion", "importance", "insertion", "ranks", "steps"]
+__all__ = [
+    "METRICS", "Curves", "check_metrics", "deletion", "deletion_insertion", "importance", "insertion",
+    "ranks", "steps",
+]
+
+METRICS = ("deletion", "insertion")
+"""The metrics by name, as :func:`deletion_insertion`, the monitor and the audit take them."""
 
 # The RISE code's substrate for insertion: a Gaussian blur with an 11-pixel kernel and sigma 5.
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0
@@ -243,14 +250,9 @@ def deletion_insertion(
     alone, bit for bit; together they share the checks, the ranking of the pixels and the pass that
     resolves ``target``, so a caller that wants both (the monitor) pays for one of each.
     """
-    if isinstance(metrics, str):
-        raise TypeError(f"metrics is a sequence of names, e.g. ({metrics!r},); got the string {metrics!r}")
-    names = tuple(metrics)
-    for name in names:
-        if name not in ("deletion", "insertion"):
-            raise ValueError(f"unknown metric {name!r}; known: deletion, insertion")
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"metrics must name deletion and/or insertion, each once; got {list(names)}")
+    names = check_metrics(metrics)
+    if not names:
+        raise ValueError("metrics is empty; name deletion and/or insertion")
     inputs = _inputs(x, forward_args, forward_kwargs)
     maps = _maps(attributions, inputs)
     paths = [(list(inputs.tensors), fills(baseline, inputs, "baseline")) if name == "deletion"
@@ -258,6 +260,21 @@ def deletion_insertion(
     results = _curves(model, inputs, maps, target, paths, pixels_per_step=pixels_per_step,
                       batch_size=batch_size, curves=return_curves)
     return dict(zip(names, results, strict=True))  # type: ignore[return-value]
+
+
+def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """The metric names, checked: each one of :data:`METRICS`, none twice (may be empty)."""
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics is a sequence of names, e.g. ({metrics!r},); got the string {metrics!r}")
+    names = tuple(metrics)
+    for name in names:
+        if name not in METRICS:
+            close = difflib.get_close_matches(str(name), list(METRICS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown metric {name!r}{hint}; known: {', '.join(METRICS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"metrics names a metric twice: {list(names)}")
+    return names
 
 
 def _starts(start: object, inputs: Inputs) -> list[Tensor]:
@@ -334,9 +351,10 @@ def _curves(
                            for r, c, s, e, f in zip(rank, counts, first, last, formats, strict=True)]
                 out = inputs.call(model, tensors, rows=b)
                 chunks.append(_score(out, take_target(t, b), hi - lo, probability))
-            results.append(torch.cat(chunks).view(n + 1, batch).t().clone())  # ordinary tensors outside
+            results.append(chunks)
     output = []
-    for scores in results:
+    for chunks in results:
+        scores = torch.cat(chunks).view(n + 1, batch).t().clone()  # outside inference mode: ordinary
         if not torch.isfinite(scores).all():
             kind = "softmax scores" if probability else "scores"
             raise ValueError(f"the model's {kind} contain NaN or Inf; no AUC can be computed")

@@ -8,17 +8,16 @@ on one chart, so the chart shows which map becomes faithful as the model learns.
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import Tensor, nn
 
 from torchvis.core.forward import Target
-from torchvis.metrics.faithfulness import deletion, deletion_insertion, insertion
+from torchvis.metrics.faithfulness import METRICS, check_metrics, deletion_insertion
 
 __all__ = [
     "METRICS",
@@ -29,36 +28,19 @@ __all__ = [
     "scores_layout",
 ]
 
-METRICS: Mapping[str, Callable[..., Tensor]] = {"deletion": deletion, "insertion": insertion}
-"""The metrics a monitor can stream, by name."""
-
 _BETTER = {"deletion": "lower is better", "insertion": "higher is better"}
 
-# Points per curve while training: 20 steps (21 points) instead of the metrics' default 100, which keeps
-# a logging step with both metrics for 2 methods on 16 digits under twice one without (see
-# benchmarks/metrics.py); the trend over training, not the third decimal, is what the chart is for.
+# Points per curve while training: 20 steps (21 points) instead of the metrics' default 100, a fifth of
+# the forwards; the trend over training, not the third decimal, is what the chart is for. Even so the
+# metrics' forwards dominate a logging step (benchmarks/metrics.py: 2 methods on 16 digits cost about
+# 18x a step without metrics; background=True moves that work off the training thread).
 MONITOR_STEPS = 20
-
-
-def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
-    """The metric names, checked: each must be one of :data:`METRICS`, none twice."""
-    if isinstance(metrics, str):
-        raise TypeError(f"metrics is a sequence of names, e.g. ({metrics!r},); got the string {metrics!r}")
-    names = tuple(metrics)
-    for name in names:
-        if name not in METRICS:
-            close = difflib.get_close_matches(str(name), list(METRICS), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown metric {name!r}{hint}; known: {', '.join(METRICS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"metrics names a metric twice: {list(names)}")
-    return names
 
 
 def check_metric_options(options: Mapping[str, Any]) -> None:
     """Each option must be taken by a metric: ``pixels_per_step``, ``baseline``, ``start``, ``batch_size``."""
-    known = {p for fn in METRICS.values() for p in inspect.signature(fn).parameters} - {
-        "model", "x", "attributions", "target", "return_curves"}
+    known = set(inspect.signature(deletion_insertion).parameters) - {
+        "model", "x", "attributions", "target", "return_curves", "metrics"}
     for key in options:
         if key not in known:
             raise TypeError(f"metric option {key!r} is taken by no metric; known: {', '.join(sorted(known))}")
@@ -89,6 +71,8 @@ def log_scores(
     options.setdefault("pixels_per_step", monitor_pixels_per_step(x))
     add_scalar = getattr(writer, "add_scalar", None)
     names = check_metrics(metrics)
+    if not names:
+        return {}
     # All metrics of a map at once: one ranking, one target pass (bit-identical to each metric alone).
     aucs = {key: deletion_insertion(model, x, attr, target, metrics=names, **options)
             for key, attr in maps.items()}
