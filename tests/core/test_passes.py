@@ -123,3 +123,38 @@ def test_grad_cam_at_a_layer_overwritten_in_place(kind: str, randn: Callable[...
     expected = (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True).clamp_min(0)
     got = torchvis.grad_cam(build(kind), x, layer="conv1", upsample=None)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
+def test_a_rerun_in_eval_mode_keeps_other_threads_draws() -> None:
+    """With other threads alive an eval-mode call leaves the global RNG alone (restoring it would
+    rewind their draws); the rerun after an overwritten record must not rewind it either."""
+    import threading
+
+    model, x = build("functional"), torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    drawn = threading.Event()
+    done = threading.Event()
+
+    def draw() -> None:  # another thread's draw from the global RNG, during the first forward
+        torch.rand(10)
+        drawn.set()
+
+    original = model.conv2.forward
+
+    def conv2_that_lets_another_thread_draw(t: Tensor) -> Tensor:
+        if not drawn.is_set():
+            worker = threading.Thread(target=draw)
+            worker.start()
+            worker.join()
+        return original(t)
+
+    idle = threading.Thread(target=done.wait)  # keeps the process multi-threaded
+    idle.start()
+    try:
+        model.conv2.forward = conv2_that_lets_another_thread_draw  # type: ignore[method-assign]
+        before = torch.get_rng_state()
+        gradient_pass(model, x, layers=["conv1"])
+        assert model.forwards == 2  # the ReLU overwrote conv1's record: the forward ran again
+        assert not torch.equal(torch.get_rng_state(), before)  # the other thread's draw stands
+    finally:
+        done.set()
+        idle.join()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "checked_logits",
     "grad_leaf",
     "guarded",
+    "kept_rng",
     "resolve_target",
     "restored_modes",
 ]
@@ -68,7 +69,9 @@ def restored_modes(model: nn.Module) -> Iterator[list[tuple[nn.Module, bool]]]:
 
 
 @contextmanager
-def guarded(model: object, x: Tensor, *, eval_mode: bool = True, grad: bool = True) -> Iterator[None]:
+def guarded(
+    model: object, x: Tensor, *, eval_mode: bool = True, grad: bool = True
+) -> Iterator[Callable[[], None] | None]:
     """Run the block with ``model`` in eval mode (unless ``eval_mode=False``) and gradients enabled
     (when ``grad``); afterwards every submodule's mode and the global RNG are as they were.
 
@@ -80,6 +83,9 @@ def guarded(model: object, x: Tensor, *, eval_mode: bool = True, grad: bool = Tr
 
     A ``model`` that is a plain callable (not an ``nn.Module``) runs in whatever modes its modules are
     in — torchvis cannot see them — and the global RNG is forked around it.
+
+    Yields the function that puts the global RNG back where it was on entry (to rerun the model from the
+    same state), or ``None`` where the guard leaves the RNG alone: then nothing inside draws from it.
     """
     if grad and torch.is_inference_mode_enabled():
         raise RuntimeError(
@@ -88,33 +94,38 @@ def guarded(model: object, x: Tensor, *, eval_mode: bool = True, grad: bool = Tr
         )
     cuda = [x.device] if x.device.type == "cuda" else []
     if not isinstance(model, nn.Module):
-        with kept_rng(cuda), torch.enable_grad() if grad else nullcontext():
-            yield
+        with kept_rng(cuda) as rewind, torch.enable_grad() if grad else nullcontext():
+            yield rewind
         return
     with held(model, eval_mode=eval_mode) as training_inside:
         # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
         fork = training_inside or threading.active_count() == 1
         with (
-            kept_rng(cuda) if fork else nullcontext(),
+            kept_rng(cuda) if fork else nullcontext() as rewind,
             hooks.batch_statistics_only(model) if training_inside else nullcontext(),
             torch.enable_grad() if grad else nullcontext(),
         ):
-            yield
+            yield rewind
 
 
 @contextmanager
-def kept_rng(cuda: list[torch.device]) -> Iterator[None]:
+def kept_rng(cuda: list[torch.device]) -> Iterator[Callable[[], None]]:
     """The global CPU generator's state (and that of each ``cuda`` device) saved on entry and put back
     on exit, whatever happens inside: ``torch.random.fork_rng(devices=cuda)`` without its per-call
-    checks and warnings, which cost 20 µs of every small call."""
+    checks and warnings, which cost 20 µs of every small call. Yields the function that puts it back,
+    for a block that reruns something from the same state."""
     cpu = torch.get_rng_state()
     states = [(device, torch.cuda.get_rng_state(device)) for device in cuda]
-    try:
-        yield
-    finally:
+
+    def rewind() -> None:
         torch.set_rng_state(cpu)
         for device, state in states:
             torch.cuda.set_rng_state(state, device)
+
+    try:
+        yield rewind
+    finally:
+        rewind()
 
 
 def grad_leaf(x: Tensor) -> Tensor:
@@ -149,12 +160,15 @@ def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of th
         sums = torch.stack([t.sum() for t in tensors]).tolist() if tensors else []
     if all(math.isfinite(total) for total in sums):
         return
-    # The smallest and largest value of each tensor: NaN if it holds one, +-inf if it holds one.
-    extremes = torch.stack([torch.stack(torch.aminmax(t)).double() for t in tensors]).tolist()
-    finite = [math.isfinite(low) and math.isfinite(high) for low, high in extremes]
-    if all(finite):
+    # The tensors whose sum is not finite, read exactly: the smallest and largest value (NaN if it holds
+    # one, +-inf if it holds one). A finite tensor whose sum overflowed passes.
+    suspects = [i for i, total in enumerate(sums) if not math.isfinite(total)]
+    extremes = torch.stack([torch.stack(torch.aminmax(tensors[i])).double() for i in suspects]).tolist()
+    bad = {i for i, (low, high) in zip(suspects, extremes, strict=True)
+           if not (math.isfinite(low) and math.isfinite(high))}
+    if not bad:
         return
-    if logits.numel() and not finite[0]:
+    if logits.numel() and 0 in bad:
         raise ValueError(
             "the model output contains NaN or inf (an overflow in the logits?); no attribution can be "
             "computed from it"

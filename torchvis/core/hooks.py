@@ -223,7 +223,7 @@ class Recording:
         if name not in self.outputs:
             raise RuntimeError(f"layer {name!r} did not run during the forward pass")
         out = self.outputs[name]
-        if out._version != self._versions[name]:
+        if self._overwritten(name):
             raise RuntimeError(
                 f"the output of layer {name!r} was modified in place after the layer returned it "
                 "(it aliases a tensor that a later operation changed); choose another layer"
@@ -233,7 +233,10 @@ class Recording:
     def modified(self) -> list[str]:
         """The names whose recorded tensor was changed in place after the layer returned it (its
         version counter moved: an in-place op on it or on a view of it)."""
-        return [name for name, out in self.outputs.items() if out._version != self._versions[name]]
+        return [name for name in self.outputs if self._overwritten(name)]
+
+    def _overwritten(self, name: str) -> bool:
+        return self.outputs[name]._version != self._versions[name]
 
 
 def has_in_place_modules(model: nn.Module) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
@@ -93,32 +93,36 @@ def gradient_pass(
         )
     named = [name for name in requested if name is not None]
     batch = inputs.batch
-    with guarded(model, inputs.first, eval_mode=eval_mode):
+    def forward(copy: bool) -> tuple[Any, hooks.Recording | None, hooks.ActivationReport | None,
+                                     list[hooks.ModuleOutput]]:
+        guide: AbstractContextManager[hooks.ActivationReport | None] = (
+            hooks.guided_relus() if guided else nullcontext()
+        )
+        auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
+            hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
+            if None in requested else nullcontext([])
+        )
+        recording: AbstractContextManager[hooks.Recording | None] = (
+            # No gradient hook: the pass takes the layers' gradients from autograd.grad after the block.
+            hooks.capture(model, named, inputs=layer_input, grads=False, copy=copy)  # type: ignore[arg-type]
+            if named else nullcontext(None)
+        )
+        with recording as rec, guide as report, auto as maps:
+            # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
+            logits = inputs.call(model, [leaf.clone() for leaf in leaves])
+        return logits, rec, report, maps
+
+    with guarded(model, inputs.first, eval_mode=eval_mode) as rewind:
         leaves = [grad_leaf(t) for t in inputs.tensors]
         # A model without in-place modules gets its layers' outputs recorded uncopied (a copy is a pass
-        # over each); should a functional in-place op (x += y) overwrite one, the forward runs again,
-        # from the same RNG state, with copies: the same forward as with copies from the start.
-        copies = (True,) if not named or hooks.has_in_place_modules(model) else (False, True)  # type: ignore[arg-type]
-        rewind = _rewinder(inputs.first) if copies[0] is False else None
-        for copy in copies:
-            guide: AbstractContextManager[hooks.ActivationReport | None] = (
-                hooks.guided_relus() if guided else nullcontext()
-            )
-            auto: AbstractContextManager[list[hooks.ModuleOutput]] = (
-                hooks.feature_maps(model, inputs.first.dim())  # type: ignore[arg-type]
-                if None in requested else nullcontext([])
-            )
-            recording = (
-                # No gradient hook: the pass takes the layers' gradients from autograd.grad after the block.
-                hooks.capture(model, named, inputs=layer_input, grads=False, copy=copy)  # type: ignore[arg-type]
-                if named else nullcontext(None)
-            )
-            with recording as rec, guide as report, auto as maps:
-                # A copy: a model that changes its input in place must not hit the leaf (an autograd error).
-                logits = inputs.call(model, [leaf.clone() for leaf in leaves])
-            if rec is None or copy or not rec.modified():
-                break
-            rewind()  # type: ignore[misc]
+        # over each); should a functional in-place op (x += y) overwrite one, the forward runs again with
+        # copies, from the RNG state the guard saved (None: nothing inside draws from it).
+        uncopied = bool(named) and not hooks.has_in_place_modules(model)  # type: ignore[arg-type]
+        logits, rec, report, maps = forward(copy=not uncopied)
+        if uncopied and rec is not None and rec.modified():
+            if rewind is not None:
+                rewind()
+            logits, rec, report, maps = forward(copy=True)
         # Outside the hooks and the guided ReLU mode: the score is not part of the model (and ops run
         # under a torch function mode pay a Python dispatch each).
         t = resolve_target(target, logits, batch)
@@ -326,21 +330,6 @@ def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:
             stacklevel=5,
         )
     return vit
-
-
-def _rewinder(x: Tensor) -> Callable[[], None]:
-    """A function that puts the global RNG (the CPU's, and that of ``x``'s CUDA device) back where it
-    is now, if it moved (a train-mode dropout draws)."""
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
-
-    def rewind() -> None:
-        if not torch.equal(torch.get_rng_state(), cpu):
-            torch.set_rng_state(cpu)
-        if cuda is not None and not torch.equal(torch.cuda.get_rng_state(x.device), cuda):
-            torch.cuda.set_rng_state(cuda, x.device)
-
-    return rewind
 
 
 def _grad(score: Tensor, wanted: list[Tensor]) -> tuple[Tensor, ...]:
