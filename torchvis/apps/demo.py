@@ -116,10 +116,6 @@ def run(args: argparse.Namespace) -> int:
 
     probe_x, probe_y = data.test_x[probe], data.test_y[probe]
     with contextlib.ExitStack() as stack:
-        # Dropout draws its masks from the global RNG: seeded here (and put back afterwards, for a
-        # caller of main()), the whole run is reproducible from --seed.
-        stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
-        torch.manual_seed(args.seed)
         # Empty-map warnings are true, but one per logging step would bury the demo's output: they
         # are counted and summarised once at the end instead.
         empty = stack.enter_context(warnings.catch_warnings(record=True))

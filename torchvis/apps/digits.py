@@ -17,7 +17,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from torchvis.core.forward import restored_modes
+from torchvis.core.forward import kept_rng, restored_modes
 
 __all__ = [
     "CLASS_NAMES",
@@ -198,6 +199,22 @@ class StepCallback(Protocol):
     def __call__(self, step: int, loss: float, model: nn.Module, /) -> None: ...
 
 
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu") -> Iterator[None]:
+    """Inside the block the global generator of the CPU (and of ``device``, when it is a CUDA device)
+    is seeded with ``seed``; afterwards it is as before. Dropout masks and initialisations drawn inside
+    are reproducible from ``seed`` and the caller's stream does not move; unlike ``torch.manual_seed``,
+    only the generators that are put back are seeded."""
+    device = torch.device(device)
+    cuda = [device] if device.type == "cuda" else []
+    with kept_rng(cuda):
+        torch.default_generator.manual_seed(seed)
+        for one in cuda:
+            with torch.cuda.device(one):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def train_digits(
     model: nn.Module,
     data: DigitsData,
@@ -215,9 +232,9 @@ def train_digits(
     ``model`` maps ``[B,1,28,28]`` to logits ``[B,10]``; it is moved to ``device`` in place (as
     ``nn.Module.to`` does) and trained in place; the train/eval mode of each submodule is restored
     on return. Each epoch visits every training sample once in an order drawn from a private
-    ``torch.Generator`` seeded with ``seed`` (the last batch may be short). The global RNG is
-    untouched by the loop itself, but dropout layers draw from it, as PyTorch always does: for
-    bit-identical runs seed it (``torch.manual_seed``) and build the model the same way.
+    ``torch.Generator`` seeded with ``seed`` (the last batch may be short); dropout draws its masks
+    from the global RNG seeded with ``seed`` too, inside :func:`seeded_rng`, so the caller's RNG is as
+    before and a run is reproducible from ``seed`` and the model's initial weights.
 
     Returns the loss of every step, ``epochs * ceil(N / batch_size)`` floats, in order.
     Adam (Kingma & Ba, ICLR 2015) at ``lr=1e-3``, batch 64, takes ``DigitsCNN`` past 95% test
@@ -235,6 +252,7 @@ def train_digits(
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses: list[float] = []
     with (
+        seeded_rng(seed, device),
         restored_modes(model),
         tqdm(total=epochs * steps_per_epoch, disable=not progress, desc="train", unit="step") as bar,
     ):

@@ -35,6 +35,7 @@ from torchvis.apps.digits import (
     DigitsData,
     evaluate,
     read_checkpoint,
+    seeded_rng,
     write_checkpoint,
 )
 from torchvis.core.forward import restored_modes
@@ -95,8 +96,7 @@ class DigitsViT(VisionTransformer):
             self._build(config)
         else:
             seed = int(torch.randint(2**62, (1,), generator=generator))
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded_rng(seed):
                 self._build(config)
         #: The constructor's arguments (without ``generator``), as the checkpoint stores them.
         self.config: dict[str, Any] = config
@@ -198,11 +198,10 @@ def train_vit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _warmup_cosine(step, warm, total))
     losses: list[float] = []
     with (
-        torch.random.fork_rng(devices=[]),
+        seeded_rng(seed),
         restored_modes(vit),
         tqdm(total=total, disable=not progress, desc="train ViT", unit="step") as bar,
     ):
-        torch.manual_seed(seed)
         vit.train()
         for _ in range(epochs):
             for batch in torch.randperm(n, generator=generator).split(batch_size):
