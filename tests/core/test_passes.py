@@ -90,7 +90,7 @@ def test_pass_equals_the_out_of_place_reference_bit_for_bit(
     assert model.forwards == (2 if kind == "functional" else 1)
     assert expected[2].min() < 0  # the ReLU after the layer changes these values when it acts on them
     names = ["logits", "input grad", "activation", "layer grad"]
-    for name, want, have in zip(names, expected, (got.logits, got.input_grad, got.activations[layer],
+    for name, want, have in zip(names, expected, (got.logits, got.input_grads[0], got.activations[layer],
                                                   got.grads[layer]), strict=True):
         torch.testing.assert_close(have, want, rtol=0, atol=0, msg=name)
 
@@ -158,3 +158,21 @@ def test_a_rerun_in_eval_mode_keeps_other_threads_draws() -> None:
     finally:
         done.set()
         idle.join()
+
+
+def test_guided_passes_refuse_torchscript_before_any_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvis.core.passes as passes
+
+    ran: list[bool] = []
+    real = passes.gradient_pass
+    monkeypatch.setattr(passes, "gradient_pass", lambda *a, **k: ran.append(True) or real(*a, **k))
+    scripted = torch.jit.script(build("plain"))
+    with pytest.raises(TypeError, match="TorchScript"):
+        passes.shared_passes(scripted, torch.randn(1, 2, 6, 6, dtype=torch.float64), input_grad=True,
+                             guided=True)
+    assert ran == []  # not after the plain pass
+
+
+def test_guided_grad_cam_names_itself_for_a_layer_without_spatial_dimensions() -> None:
+    with pytest.raises(ValueError, match="guided Grad-CAM needs a layer"):
+        torchvis.guided_grad_cam(build("plain"), torch.randn(1, 2, 6, 6, dtype=torch.float64), layer="fc")

@@ -47,10 +47,6 @@ class GradientPass:
     grads: dict[str, Tensor]
     layer_names: tuple[str, ...]
 
-    @property
-    def input_grad(self) -> Tensor | None:
-        """The gradient at the first input."""
-        return None if self.input_grads is None else self.input_grads[0]
 
 
 def gradient_pass(
@@ -86,13 +82,11 @@ def gradient_pass(
         module = check_module(model, "guided backprop" if guided else "a layer method")
         requested = [_layer_key(module, layer) for layer in layers]  # names with a wrapper's prefix too
         model = module = hooks.unwrap(module)
-    if guided and any(isinstance(m, torch.jit.ScriptModule) for m in module.modules()):
-        raise TypeError(
-            "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
-            "Python); pass the eager nn.Module"
-        )
+    if guided:
+        check_guidable(module)
     named = [name for name in requested if name is not None]
     batch = inputs.batch
+
     def forward(copy: bool) -> tuple[Any, hooks.Recording | None, hooks.ActivationReport | None,
                                      list[hooks.ModuleOutput]]:
         guide: AbstractContextManager[hooks.ActivationReport | None] = (
@@ -180,10 +174,6 @@ class Shared:
         """The first input."""
         return self.inputs.first
 
-    @property
-    def input_grad(self) -> Tensor | None:
-        """The plain gradient at the first input."""
-        return None if self.input_grads is None else self.input_grads[0]
 
     @property
     def guided_grad(self) -> Tensor | None:
@@ -214,7 +204,7 @@ def shared_passes(
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
     if guided:  # refused before the plain pass runs, not after it
-        check_module(model, "guided backprop")
+        check_guidable(check_module(model, "guided backprop"))
     plain = guided_result = None
     if input_grad or layers:
         plain = gradient_pass(model, inputs, target, layers=layers, input_grad=input_grad,
@@ -315,6 +305,15 @@ def activation_pass(
         t = resolve_target(target, logits, inputs.batch)
         check_finite(logits if isinstance(logits, Tensor) else score_of(logits, t, inputs.batch))
     return ActivationPass(logits=logits, target=t, layer=name, activation=output)
+
+
+def check_guidable(module: nn.Module) -> None:
+    """Guided backprop rewrites ReLUs as they run in Python: a TorchScript model is refused."""
+    if any(isinstance(m, torch.jit.ScriptModule) for m in hooks.unwrap(module).modules()):
+        raise TypeError(
+            "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
+            "Python); pass the eager nn.Module"
+        )
 
 
 def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:

@@ -92,7 +92,7 @@ def _unit_matrix(model: nn.Module, units: Sequence[Unit], names: Sequence[str | 
     """Every unit's value on every image: ``[B,U]``, connected to the graph."""
     batch = x.shape[0]
     wanted = sorted({name for name in names if name is not None})
-    with hooks.capture(model, wanted) as rec:
+    with hooks.capture(model, wanted, grads=False) as rec:  # the units' values; autograd gives the rest
         out = model(x)
     columns = []
     for unit, name in zip(units, names, strict=True):

@@ -199,7 +199,7 @@ def guided_grad_cam_from(
     """:func:`guided_grad_cam` from the shared plain pass (at one layer) and guided pass."""
     assert shared.guided_grad is not None
     activation, grad = layer_maps(shared, reshape)
-    check_feature_map(activation, "Grad-CAM", shared.layer, shared.x)
+    check_feature_map(activation, "guided Grad-CAM", shared.layer, shared.x)
     return guided_cam(shared.guided_grad, activation, grad, shared.x, upsample)
 
 
