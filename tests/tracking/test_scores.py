@@ -168,6 +168,9 @@ def test_metric_names_and_options_are_checked_at_construction(tmp_path: Path) ->
         Monitor(model, sink, x, y, metrics=("insertion", "insertion"), **kw)
     with pytest.raises(TypeError, match="metric option 'steps'"):
         Monitor(model, sink, x, y, metrics=("insertion",), metric_options={"steps": 3}, **kw)
+    for own in ("forward_args", "forward_kwargs"):  # the monitor's own arguments, not metric options
+        with pytest.raises(TypeError, match=f"metric option '{own}'"):
+            Monitor(model, sink, x, y, metrics=("insertion",), metric_options={own: None}, **kw)
     assert not list(tmp_path.iterdir())  # nothing was logged
     with pytest.raises(ValueError, match="unknown metric"):
         torchvis.log_attributions(sink, model, x, step=0, metrics=("auc",), **kw)

@@ -140,8 +140,7 @@ def occlusion(
         drops = [_drops(model, inputs, i, grid, baselines[i], t, clean, engine, batch_size, progress)
                  for i, grid in enumerate(layout)]
         # An occluded input may overflow where the clean one did not.
-        check_finite(output if isinstance(output, Tensor) else clean, *drops,
-                     what="the target scores of some occluded images")
+        check_finite(clean, *drops, what="the target scores of some occluded images")  # clean: read above
 
     # Outside inference mode, so the result is an ordinary tensor the user can compute with. A column
     # of ones spreads into the number of windows covering each element, in the same pass.

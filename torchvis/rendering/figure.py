@@ -28,7 +28,7 @@ from torch import Tensor
 
 from torchvis.methods.spec import SPECS, Look
 from torchvis.rendering import image as im
-from torchvis.rendering import kinds, plots
+from torchvis.rendering import kinds
 
 __all__ = ["explanation_figure", "figure_rgb", "panel_boxes", "render_map", "target_name", "title_of"]
 
@@ -87,9 +87,6 @@ def _legend(method: str, attr: Tensor | tuple[Tensor, ...] | str) -> str | None:
         return None
     return "signed"
 
-
-Cell = Tensor | str | plots.Plot
-"""A panel's content: a picture ``[3,H,W]`` in [0, 1], a text, or a plot."""
 
 
 def _check(inputs: tuple[Tensor, ...], maps: Mapping[str, Tensor | tuple[Tensor, ...] | str],

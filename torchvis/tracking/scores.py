@@ -40,7 +40,7 @@ MONITOR_STEPS = 20
 def check_metric_options(options: Mapping[str, Any]) -> None:
     """Each option must be taken by a metric: ``pixels_per_step``, ``baseline``, ``start``, ``batch_size``."""
     known = set(inspect.signature(deletion_insertion).parameters) - {
-        "model", "x", "attributions", "target", "return_curves", "metrics"}
+        "model", "x", "attributions", "target", "return_curves", "metrics", "forward_args", "forward_kwargs"}
     for key in options:
         if key not in known:
             raise TypeError(f"metric option {key!r} is taken by no metric; known: {', '.join(sorted(known))}")
