@@ -56,8 +56,8 @@ from torchvis.tracking.monitor import Monitor
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion")
 METRICS = ("deletion", "insertion")  # one scalar per method each, one chart per metric (Custom Scalars)
 OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
-# Grad-CAM wants a rectified map: at conv2 (before its ReLU) 25-54% of the held-out digits get an
-# all-zero map after the default training (seeds 0 and 1), at relu2 0.3-8%; pool scores about the same
+# Grad-CAM wants a rectified map: at conv2 (before its ReLU) 18-59% of the held-out digits get an
+# all-zero map after the default training (seeds 0 and 1), at relu2 0-1.2%; pool scores about the same
 # as relu2 at half the resolution (benchmarks/cam_layer.py).
 GRAD_CAM_LAYER = "relu2"
 FEATURE_LAYERS = ("relu1", "relu2")  # what the next layer sees, as the tutorial shows them
