@@ -190,3 +190,28 @@ def test_explain_refuses_a_plain_function_for_guided_backprop_before_any_pass() 
     with pytest.raises(TypeError, match="guided backprop needs an nn.Module"):
         torchvis.explain(model, torch.rand(2, 4), methods=["saliency", "guided_backprop"])
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, x: torchvis.grad_cam(m, x, 0, layer="conv", upsample="bicubic"), "upsample must be"),
+        (lambda m, x: torchvis.layer_cam(m, x, 0, layer="conv", upsample="cubic"), "upsample must be"),
+        (lambda m, x: torchvis.guided_grad_cam(m, x, 0, layer="conv", upsample=None),
+         "upsample cannot be None"),
+        (lambda m, x: torchvis.explain(m, x, methods=["saliency", "grad_cam"], layer="conv",
+                                       upsample="bicubic"), "upsample must be"),
+        # Score-CAM runs its own passes: its unknown layer is found before saliency's shared pass runs.
+        (lambda m, x: torchvis.explain(m, x, methods=["saliency", "score_cam"], layer="nope"),
+         "unknown layer 'nope'"),
+        (lambda m, x: torchvis.explain(m, x, methods=["grad_cam", "score_cam"], layer=["conv", "nope"]),
+         "unknown layer 'nope'"),
+    ],
+    ids=["grad_cam", "layer_cam", "guided_grad_cam", "explain-upsample", "explain-own-pass-layer",
+         "explain-layer-list"],
+)
+def test_bad_layer_options_are_refused_before_the_model_runs(call: Any, match: str) -> None:
+    model = Counting().double().eval()
+    with pytest.raises(ValueError, match=match):
+        call(model, ramp(2, 3, 6, 6))
+    assert model.calls == 0

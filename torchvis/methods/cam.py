@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from torchvis.core import layouts
 from torchvis.core.hooks import LayerAddress
-from torchvis.core.inputs import InputLike, Model
+from torchvis.core.inputs import InputLike, Model, as_inputs
 from torchvis.core.passes import Shared, shared_passes
 from torchvis.core.targets import Target
 from torchvis.methods.spec import Look, Need, register
@@ -139,6 +139,18 @@ def interpolation(upsample: Upsample, rank: int) -> str | None:
     raise ValueError(f"upsample must be True, 'bilinear', 'nearest', None or False; got {upsample!r}")
 
 
+def check_upsample(upsample: Upsample, x: Tensor) -> None:
+    """Refuse, before any pass runs, an ``upsample`` that :func:`upsample_to` would refuse for ``x``
+    (the first input ``[B,C,*spatial]``)."""
+    interpolation(upsample, x.dim() - 2)
+
+
+def check_guided_upsample(upsample: Upsample, x: Tensor) -> None:
+    """Guided Grad-CAM needs the CAM at ``x``'s size: :func:`check_upsample`, and no ``None``."""
+    if interpolation(upsample, x.dim() - 2) is None:
+        raise ValueError("guided Grad-CAM multiplies by the CAM at the input's size; upsample cannot be None")
+
+
 def upsample_to(heat: Tensor, x: Tensor, upsample: Upsample = True) -> Tensor:
     """Resize ``[B,1,*spatial]`` to ``x``'s spatial shape ``x.shape[2:]`` (see :func:`interpolation`;
     linear modes with ``align_corners=False``)."""
@@ -188,8 +200,7 @@ def guided_cam(
     guided_grad: Tensor, activation: Tensor, grad: Tensor, x: Tensor, upsample: Upsample = True
 ) -> Tensor:
     """Guided Grad-CAM: the guided-backprop gradient (shape of ``x``) times the CAM upsampled to ``x``."""
-    if interpolation(upsample, x.dim() - 2) is None:
-        raise ValueError("guided Grad-CAM multiplies by the CAM at the input's size; upsample cannot be None")
+    check_guided_upsample(upsample, x)
     return (guided_grad * upsample_to(cam(activation, grad), x, upsample)).to(x.dtype)
 
 
@@ -241,8 +252,10 @@ def grad_cam(
     ``forward_args``/``forward_kwargs`` go to the model (see :mod:`torchvis.core.inputs`). Needs an
     ``nn.Module`` (it reads the layer through hooks).
     """
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input,
-                              forward_args=forward_args, forward_kwargs=forward_kwargs)
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    check_upsample(upsample, inputs.first)  # before the pass, not after it
+    (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
+                              layer_input=layer_input)
     return grad_cam_from(shared, relu=relu, upsample=upsample, reshape=default_reshape(model, layer, reshape))
 
 
@@ -266,9 +279,10 @@ def guided_grad_cam(
     explain the same class (the first pass resolves ``target``). ``layer=None`` as in :func:`grad_cam`;
     ``upsample`` ``True``/``"bilinear"`` or ``"nearest"`` (Captum's default for ``GuidedGradCam``).
     """
-    (shared,) = shared_passes(model, x, target, layers=[layer], guided=True, eval_mode=eval_mode,
-                              layer_input=layer_input, forward_args=forward_args,
-                              forward_kwargs=forward_kwargs)
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    check_guided_upsample(upsample, inputs.first)  # before the passes, not after them
+    (shared,) = shared_passes(model, inputs, target, layers=[layer], guided=True, eval_mode=eval_mode,
+                              layer_input=layer_input)
     return guided_grad_cam_from(shared, upsample=upsample, reshape=default_reshape(model, layer, reshape))
 
 

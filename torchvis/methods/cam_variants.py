@@ -18,10 +18,10 @@ from torch import Tensor
 
 from torchvis.core import layouts
 from torchvis.core.hooks import LayerAddress
-from torchvis.core.inputs import InputLike, Model
+from torchvis.core.inputs import InputLike, Model, as_inputs
 from torchvis.core.passes import Shared, shared_passes
 from torchvis.core.targets import Target
-from torchvis.methods.cam import Heat, Upsample, cam_from, default_reshape
+from torchvis.methods.cam import Heat, Upsample, cam_from, check_upsample, default_reshape
 from torchvis.methods.spec import Look, Need, register
 
 
@@ -76,8 +76,10 @@ def _variant(
     upsample: Upsample, reshape: layouts.Reshape, layer_input: bool, eval_mode: bool, forward_args: Any,
     forward_kwargs: Mapping[str, Any] | None,
 ) -> Tensor:
-    (shared,) = shared_passes(model, x, target, layers=[layer], eval_mode=eval_mode, layer_input=layer_input,
-                              forward_args=forward_args, forward_kwargs=forward_kwargs)
+    inputs = as_inputs(x, forward_args, forward_kwargs)
+    check_upsample(upsample, inputs.first)  # before the pass, not after it
+    (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
+                              layer_input=layer_input)
     return _variant_from(heat, shared, relu, upsample, default_reshape(model, layer, reshape))
 
 

@@ -11,7 +11,7 @@ from torchvis.core.hooks import LayerAddress, address, is_element
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
-from torchvis.methods.cam import default_reshape
+from torchvis.methods.cam import check_upsample, default_reshape
 from torchvis.methods.spec import MethodSpec, Need, extra_arguments, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
@@ -82,8 +82,14 @@ def explain_batch(
     many = isinstance(layer, list) or (isinstance(layer, tuple) and not is_element(layer))
     layers: list[LayerAddress | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
+    if "upsample" in options and any(Need.LAYER_GRADIENT in spec.needs for spec in specs):
+        check_upsample(options["upsample"], inputs.first)  # the CAMs' option, refused before any pass
 
     shared_specs = [spec for spec in specs if spec.shared]
+    # The layers' names for the methods that run their own passes, resolved (an unknown layer refused)
+    # before any pass runs; None where the shared pass picks the layer (layer=None).
+    own_names = ([_layer_name(model, ref) for ref in layers]
+                 if any(spec.takes_layer and not spec.shared for spec in specs) else None)
     names: list[str] | None = None
     logits = None
     if shared_specs:
@@ -117,7 +123,8 @@ def explain_batch(
             results[spec.name] = spec.function(model, x, target, **kwargs)
             continue
         picked = names is not None  # the shared pass resolved the layers (layer=None included)
-        names = names or [_layer_name(model, ref) for ref in layers]
+        names = names or own_names
+        assert names is not None
         for ref, name in zip(layers, names, strict=True):
             layer_kwargs = kwargs
             if picked and ref is None:  # the layer the pass picked, so that the key says what was used
