@@ -214,7 +214,6 @@ def vanished_logdir(tmp_path: Path) -> SummaryWriter:
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
-        ({"labels": None}, ValueError, "needs the probe's labels"),
         ({"labels": torch.tensor([0, 1])}, ValueError, "labels must be 8 integer class indices"),
         ({"layer": "conv9"}, ValueError, "unknown layer 'conv9'; closest: 'conv2', 'conv1'"),
         ({"every": 0}, ValueError, "every must be a positive int"),

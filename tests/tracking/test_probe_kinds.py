@@ -150,8 +150,31 @@ def test_monitor_and_callback_take_a_per_example_index_without_labels(tmp_path: 
     np.testing.assert_allclose([float(line.split("|")[3]) for line in lines], expected, rtol=1e-3)
     assert [line.split("|")[2].strip() for line in lines] == [f"output[{tuple(i.tolist())}]" for i in index]
     AttributionCallback(x, None, target=index, methods=("saliency",))
-    with pytest.raises(ValueError, match="needs the probe's labels"):
-        Monitor(model, PNGWriter(tmp_path / "c"), x, None, target=1, methods=("saliency",))
+
+
+def test_monitor_logs_a_model_with_one_score_per_example_without_labels(tmp_path: Path) -> None:
+    """A model returning ``[B]`` (a regression, a binary logit) with ``target=None``: no labels exist,
+    none are asked for, and the text shows each example's score, the output itself."""
+    from torchvis.tracking.lightning import AttributionCallback
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(3, 1), nn.Flatten(0)).eval()
+    with torch.no_grad():
+        model[4].weight.abs_()  # every channel raises the score: a CAM with something in it
+    x = torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with PNGWriter(tmp_path) as sink:
+        with Monitor(model, sink, x, None, methods=("saliency", "grad_cam"), layer="1", every=1) as monitor:
+            monitor.step(0)
+    assert (tmp_path / "torchvis-saliency" / "step_000000.png").exists()
+    assert (tmp_path / "torchvis-grad_cam" / "step_000000.png").exists()
+    lines = (tmp_path / "torchvis-classes" / "step_000000.md").read_text().splitlines()[2:]
+    np.testing.assert_allclose([float(line.split("|")[3]) for line in lines], model(x).detach().numpy(),
+                               rtol=1e-3)
+    assert not (tmp_path / "torchvis-probe_accuracy").exists()
+    AttributionCallback(x, None, methods=("saliency",))
+    with PNGWriter(tmp_path / "b") as sink, pytest.raises(ValueError, match="leave labels out"):
+        Monitor(model, sink, x, torch.zeros(B, dtype=torch.long), methods=("saliency",), every=1).step(0)
 
 
 def test_the_callback_keeps_its_own_copy_of_the_forward_arguments() -> None:

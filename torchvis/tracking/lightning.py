@@ -36,7 +36,6 @@ from torchvis.tracking.tensorboard import (
     Labels,
     Methods,
     Stats,
-    check_labels_given,
     check_logging,
     moved,
 )
@@ -101,7 +100,6 @@ class AttributionCallback(pl.Callback):
             raise ValueError(f"every_n_steps must be a positive int or None; got {every_n_steps!r}")
         if every_n_steps is None and not on_validation:
             raise ValueError("with every_n_steps=None and on_validation=False nothing would be logged")
-        check_labels_given(labels, target, "the callback")
         # Copies made outside inference_mode are ordinary tensors, which autograd accepts later; the
         # extra arguments are copied too, so that a later in-place change of the user's reaches neither.
         inputs = as_inputs(images, forward_args, forward_kwargs)

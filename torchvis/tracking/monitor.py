@@ -39,7 +39,6 @@ from torchvis.tracking.tensorboard import (
     Methods,
     Sink,
     Stats,
-    check_labels_given,
     check_logging,
     check_sink,
     check_writable,
@@ -63,8 +62,8 @@ class Monitor:
                 monitor.step(step)
 
     Tags and looks are those of :func:`torchvis.tensorboard.log_attributions`; the input grid is
-    logged once, at the first logging step. ``labels`` (the true classes) are required: they are
-    shown next to the predictions and give the ``probe_accuracy`` scalar. ``target`` chooses the
+    logged once, at the first logging step. ``labels`` (the true classes, or ``None``) are shown
+    next to the predictions and give the ``probe_accuracy`` scalar. ``target`` chooses the
     class explained (None: the predicted one; ``target=labels``: the true one). ``metrics``, e.g.
     ``("deletion", "insertion")``, add a scalar per metric and method at every logging step
     (``<prefix>/deletion/grad_cam``: the mean AUC over the probe, 21 points per curve unless
@@ -80,9 +79,9 @@ class Monitor:
     ``forward_args``/``forward_kwargs`` for the model (tensors among them follow the model's device,
     floating ones its dtype, like the probe), and ``feature_names`` for tables; each kind is drawn as
     :func:`~torchvis.tracking.tensorboard.log_attributions` says. ``target`` may be a callable
-    ``f(output) -> [B]`` (the text then names it and the score) or a tuple indexing a larger output;
-    ``labels`` may then be ``None``. The deletion/insertion ``metrics`` need one image probe (any
-    target, with or without forward arguments).
+    ``f(output) -> [B]`` (the text then names it and the score) or a tuple indexing a larger output,
+    and a model may return one score per example ``[B]`` (no ``labels`` then). The deletion/insertion
+    ``metrics`` need one image probe (any target, with or without forward arguments).
 
     Under DDP, build it on rank 0 only with ``ddp_model.module``. :meth:`close` (or leaving the
     ``with`` block, or normal interpreter exit) flushes the writer; it does not close it, since the
@@ -121,7 +120,6 @@ class Monitor:
             raise ValueError(f"every must be a positive int (log every `every` steps); got {every!r}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be a positive int; got {queue_size!r}")
-        check_labels_given(labels, target, "the Monitor")
         inputs = check_logging(model, images, labels, methods=methods, layer=layer, target=target, mean=mean,
                                std=std, class_names=class_names, options=options, feature_names=feature_names,
                                metrics=metrics, forward_args=forward_args, forward_kwargs=forward_kwargs)

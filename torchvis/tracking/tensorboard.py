@@ -248,16 +248,6 @@ def moved(
     return Inputs(tuple(to(t, True) for t in inputs.tensors), inputs.was_tuple, args, kwargs)
 
 
-def check_labels_given(labels: Labels | None, target: Target, who: str) -> None:
-    """``labels`` are needed (the true classes, shown next to the predictions) unless the target is not
-    a class: a callable, a tuple index or a per-example index ``[B, k]`` into a larger output."""
-    t = as_target(target)
-    not_a_class = is_function(t) or isinstance(t, tuple) or (isinstance(t, Tensor) and t.dim() == 2)
-    if labels is None and not not_a_class:
-        raise ValueError(f"{who} needs the probe's labels (the true classes, shown next to the "
-                         "predictions); pass labels=[B] class indices")
-
-
 def classes_text(
     names: Sequence[str],
     predicted: Sequence[int],
