@@ -176,7 +176,7 @@ def test_cam_layer_given_as_a_module_addresses_the_copy(small_cnn: Callable[[int
 # Constant maps, the table, the figure
 
 
-def first_empty(model: nn.Module, x: Tensor, target: torchvis.core.forward.Target = None) -> Tensor:
+def first_empty(model: nn.Module, x: Tensor, target: torchvis.core.targets.Target = None) -> Tensor:
     """Saliency, but exactly zero for the first example."""
     out = torchvis.saliency(model, x, target)
     out[0] = 0
@@ -191,13 +191,13 @@ class EmptyFirstTime:
     def __init__(self) -> None:
         self.calls = 0
 
-    def __call__(self, model: nn.Module, x: Tensor, target: torchvis.core.forward.Target = None) -> Tensor:
+    def __call__(self, model: nn.Module, x: Tensor, target: torchvis.core.targets.Target = None) -> Tensor:
         self.calls += 1
         out = torchvis.saliency(model, x, target)
         return out * 0 if self.calls == 1 else out
 
 
-def all_empty(model: nn.Module, x: Tensor, target: torchvis.core.forward.Target = None) -> Tensor:
+def all_empty(model: nn.Module, x: Tensor, target: torchvis.core.targets.Target = None) -> Tensor:
     return torch.zeros_like(x)
 
 

@@ -1,4 +1,4 @@
-"""Running a model for attribution without changing it: the guard, checked logits, and targets.
+"""Running a model for attribution without changing it: the guard and checked logits and gradients.
 
 Every method goes through :func:`guarded`, which puts the model in eval mode (by default), keeps
 the global RNG where it was, and restores every submodule's ``training`` flag in ``finally``.
@@ -23,21 +23,16 @@ from torch import Tensor, nn
 
 from torchvis.core import hooks
 from torchvis.core.lease import held
-from torchvis.core.targets import Target, as_target, resolve_target
 
 __all__ = [
-    "Target",
-    "as_target",
     "check_finite",
     "check_input",
     "checked_logits",
     "grad_leaf",
     "guarded",
     "kept_rng",
-    "resolve_target",
     "restored_modes",
 ]
-
 
 
 def check_input(x: object) -> Tensor:

@@ -25,9 +25,9 @@ except ImportError:
             'torchvis.tracking.lightning needs Lightning: pip install "torchvis[lightning]"'
         ) from err
 
-from torchvis.core.forward import Target
 from torchvis.core.hooks import LayerRef
 from torchvis.core.inputs import InputLike, as_inputs
+from torchvis.core.targets import Target
 from torchvis.methods.spec import Look
 from torchvis.tracking.monitor import Monitor
 from torchvis.tracking.scores import check_metric_options, check_metrics

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from torchvis.core.forward import Target, as_target
 from torchvis.core.hooks import LayerRef
 from torchvis.core.inputs import InputLike, Inputs
+from torchvis.core.targets import Target, as_target
 from torchvis.methods.spec import Look
 from torchvis.tracking.scores import check_metric_options, check_metrics, scores_layout
 from torchvis.tracking.tensorboard import (

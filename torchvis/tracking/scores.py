@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from torchvis.core.forward import Target
+from torchvis.core.targets import Target
 from torchvis.metrics.faithfulness import METRICS, check_metrics, deletion_insertion
 
 __all__ = [

@@ -54,10 +54,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import summary
 
-from torchvis.core.forward import Target, as_target, guarded, resolve_target
+from torchvis.core.forward import guarded
 from torchvis.core.hooks import LayerRef, resolve_layer
 from torchvis.core.inputs import InputLike, Inputs, as_inputs
-from torchvis.core.targets import is_function, score_of
+from torchvis.core.targets import Target, as_target, is_function, resolve_target, score_of
 from torchvis.methods.combine import explain, unique_specs
 from torchvis.methods.spec import Look, MethodSpec
 from torchvis.rendering import image, kinds, plots
