@@ -135,3 +135,18 @@ def test_figure_rejects_bad_shapes() -> None:
         explanation_figure(torch.rand(2, 3, SIZE, SIZE), {"saliency": torch.rand(1, 1, SIZE, SIZE)})
     with pytest.raises(ValueError, match="row_labels"):
         explanation_figure(torch.rand(2, 3, SIZE, SIZE), {}, row_labels=["a"])
+
+
+def test_explained_text_says_what_each_kind_of_target_explains() -> None:
+    from torchvis.core.targets import class_logit
+    from torchvis.rendering.figure import explained_text
+
+    def margin(output: Tensor) -> Tensor:
+        return output[:, 0] - output[:, 1]
+
+    assert [explained_text(torch.tensor([3, 7]), i) for i in (0, 1)] == ["class 3", "class 7"]
+    assert explained_text(torch.tensor([[0, 3], [1, 5]]), 1) == "output[(1, 5)]"
+    assert explained_text((1, 5), 0) == "output[(1, 5)]"
+    assert explained_text(None, 0) == "output"
+    assert explained_text(margin, 0) == "target: margin"
+    assert explained_text(class_logit(2), 0) == "target: class_logit"

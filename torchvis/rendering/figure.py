@@ -26,6 +26,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from torchvis.core.targets import is_function
 from torchvis.methods.spec import SPECS, Look
 from torchvis.rendering import image as im
 from torchvis.rendering import kinds
@@ -70,6 +71,21 @@ def target_name(target: Callable[..., Any]) -> str:
     if getattr(inner, "__module__", None) == _HELPERS and ".<locals>." in qualified:
         return qualified.split(".<locals>.")[0]
     return str(getattr(inner, "__name__", type(inner).__name__))
+
+
+def explained_text(target: object, example: int) -> str:
+    """What a resolved ``target`` explains for one example, as the figures and the logged text say it:
+    ``class 3`` (a class tensor ``[B]``), ``output[(1, 5)]`` (an index per example ``[B, k]``, or one
+    index for all), ``output`` (``None``: the output itself, one score per example) or
+    ``target: <name>`` (a callable)."""
+    if is_function(target):
+        return f"target: {target_name(target)}"  # type: ignore[arg-type]
+    if target is None:
+        return "output"
+    if isinstance(target, Tensor):
+        row = target[example]
+        return f"class {int(row)}" if row.dim() == 0 else f"output[{tuple(int(i) for i in row)}]"
+    return f"output[{target!r}]"
 
 
 _HELPERS = "torchvis.core.targets"  # where class_logit, class_in_region and output_tensor live

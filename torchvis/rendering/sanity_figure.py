@@ -12,7 +12,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from torchvis.core.targets import is_function
 from torchvis.metrics.sanity import SanityResult
 from torchvis.rendering import figure as fig_module
 from torchvis.rendering import image as im
@@ -53,8 +52,8 @@ def sanity_figure(
     width, height = _LABEL + cols * _PANEL, 0.4 + len(rows) * (_PANEL + 0.35)
     figure = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(figure)
-    figure.suptitle(f"cascading randomisation, example {example} ({_explained(result.target, example)})",
-                    fontsize=11)
+    explained = fig_module.explained_text(result.target, example)
+    figure.suptitle(f"cascading randomisation, example {example} ({explained})", fontsize=11)
     axes = figure.subplots(len(rows), cols, squeeze=False)
     figure.subplots_adjust(left=_LABEL / width * 0.6, right=0.99, top=1 - 0.8 / height, bottom=0.02,
                            hspace=0.45, wspace=0.08)
@@ -81,16 +80,6 @@ def sanity_figure(
             if c == 0:
                 ax.set_ylabel(title, fontsize=10)
     return figure
-
-
-def _explained(target: object, example: int) -> str:
-    """What is explained for one example: ``class 3``, ``target: <callable name>`` or the index."""
-    if is_function(target):
-        return f"target: {fig_module.target_name(target)}"  # type: ignore[arg-type]
-    if isinstance(target, Tensor):
-        row = target[example]
-        return f"class {int(row)}" if row.dim() == 0 else f"output index {tuple(row.tolist())}"
-    return "the output" if target is None else f"target {target!r}"
 
 
 def _rho(result: SanityResult, method: str, stage: str, input: int) -> str:

@@ -61,7 +61,7 @@ from torchvis.core.targets import Target, as_target, is_function, resolve_target
 from torchvis.methods.combine import explain, unique_specs
 from torchvis.methods.spec import Look, MethodSpec
 from torchvis.rendering import image, kinds, plots
-from torchvis.rendering.figure import figure_rgb, target_name
+from torchvis.rendering.figure import explained_text, figure_rgb
 from torchvis.tracking.scores import check_metric_options, check_metrics, log_scores
 
 
@@ -186,7 +186,7 @@ def log_attributions(
         classes = list(class_names) if class_names is not None else [str(c) for c in range(logits.shape[1])]
         shown_target: list[int | str] | None = None
         if is_function(target):
-            shown_target = [f"target: {target_name(target)}"] * batch  # type: ignore[arg-type]
+            shown_target = [explained_text(target, 0)] * batch
         elif target is not None:
             shown_target = explained.tolist()
         text = classes_text(classes, predicted.tolist(), probability.tolist(),
@@ -279,17 +279,8 @@ def classes_text(
 def scores_text(target: Any, scores: Sequence[float]) -> str:
     """A markdown table of the explained score per example, for a model whose output is not
     ``[B, classes]`` (a callable target, an index into a larger output, one score per example)."""
-    def what(example: int) -> str:
-        if is_function(target):
-            return f"target: {target_name(target)}"
-        if target is None:
-            return "output"
-        if isinstance(target, Tensor) and target.dim() == 2:  # one index per example
-            return f"output[{tuple(int(i) for i in target[example])}]"
-        return f"output[{target!r}]"
-
     lines = ["| # | explained | score |", "|---|---|---|"]
-    lines += [f"| {i} | {what(i)} | {s:.4g} |" for i, s in enumerate(scores)]
+    lines += [f"| {i} | {explained_text(target, i)} | {s:.4g} |" for i, s in enumerate(scores)]
     return "\n".join(lines)
 
 
