@@ -169,13 +169,10 @@ def background_monitor(repeats: int, span: int = 20, train_batch: int = 64) -> l
                                   std=MNIST_STD)
         behind = Monitor(model, writer, x, y, metrics=("deletion", "insertion"), background=True, **kw)
         without = Monitor(model, writer, x, y, **kw)
-        worker = behind._background
-        assert worker is not None
         step = iter(range(1, 10**6))
 
         def drained() -> None:  # outside the timed part of (a): each logging step finds the queue empty
-            worker.jobs.join()
-            worker.raise_error()
+            behind.wait()
 
         def logged_behind() -> float:
             drained()

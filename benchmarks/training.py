@@ -111,15 +111,13 @@ def _background_result(
     interleaved; the worker is drained, untimed, after each logging step."""
     import time
 
-    jobs = monitor._background.jobs
-
     def logging_step() -> None:
         train_step()
         monitor.step(0)
 
     for _ in range(warmup):
         logging_step()
-        jobs.join()
+        monitor.wait()
         train_step()
     measured: list[float] = []
     floors: list[float] = []
@@ -128,13 +126,13 @@ def _background_result(
         pair = [(measured, logging_step), (floors, train_step)]
         for into, run in pair if index % 2 == 0 else pair[::-1]:
             into.append(time_once(run, device, cpu_clock=cpu_clock))
-            jobs.join()
+            monitor.wait()
         if index + 1 >= 3 and time.perf_counter() - began > budget:
             break
     snapshots = []
     for _ in range(20):
         snapshots.append(time_once(lambda: monitor.step(0), device, cpu_clock=cpu_clock))
-        jobs.join()
+        monitor.wait()
     call_us = sorted(snapshots)[len(snapshots) // 2] * 1e6
     name = "train step + Monitor.step, logging, background"
     return TrainingResult(name, Timing(tuple(measured), tuple(floors)), batch, call_us)

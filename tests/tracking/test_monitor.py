@@ -334,6 +334,12 @@ def test_background_error_surfaces_at_the_next_step_and_at_close(tmp_path: Path)
     with pytest.raises(RuntimeError, match="background logging of step 2 failed: OSError: disk full"):
         monitor.step(3)  # a non-logging step reports it too
     assert monitor.step(4)
+    monitor.wait()  # step 4 written, nothing failed: no error
+    assert (tmp_path / "torchvis-saliency" / "step_000004.png").exists()
+    sink.fail_at = 6
+    assert monitor.step(6)
+    with pytest.raises(RuntimeError, match="background logging of step 6 failed"):
+        monitor.wait()  # waits for the queued step and raises its error
     # An error still pending at close is raised there, after the queue drained.
     monitor2 = Monitor(model, Sink(tmp_path / "b", fail_at=0), *data(), layer="conv2", mean=MEAN, std=STD,
                        background=True)

@@ -205,6 +205,14 @@ class Monitor:
             self._inputs, self._key = moved(self._probe, *key), key
         return self._inputs
 
+    def wait(self) -> None:
+        """Block until every logging step queued so far (``background=True``) is written, and raise
+        the first error of one that failed; returns at once in the foreground. The writer is not
+        flushed (:meth:`close` does that)."""
+        if self._background is not None:
+            self._background.jobs.join()
+            self._background.raise_error()
+
     def close(self) -> None:
         """Wait for queued steps (background mode), flush the writer and stop; later calls to
         :meth:`step` raise. A background error not yet raised is raised here."""
