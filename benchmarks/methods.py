@@ -11,7 +11,8 @@ median of the paired ratios with its spread (the lowest and highest ratio of the
   default batch size in batches of that size;
 - Integrated Gradients (``steps`` nodes): the same floor for its ``steps * B`` path points;
 - both also with the target given (the predicted class, passed in): the call then runs no forward of
-  the clean input to fix it;
+  the clean input to fix it; with ``--clean-floor``, SmoothGrad with ``target=None`` also against a
+  floor that runs that forward too (``model(x).argmax(1)`` without gradients, then the batch);
 - ``explain`` of Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM and HiResCAM at one layer: one
   ``grad_cam`` call at that layer;
 - Score-CAM: ``model(batch)`` under ``torch.inference_mode()`` over ``K * B`` images, built
@@ -71,6 +72,18 @@ def input_floor_batches(model: nn.Module, inputs: Tensor, batch_size: int) -> Ru
     return run
 
 
+def clean_then(model: nn.Module, x: Tensor, floor: Run) -> Run:
+    """One forward of the clean ``x`` without gradients (what fixes the target when none is given),
+    then ``floor``: the floor of a call with ``target=None``."""
+
+    def run() -> None:
+        with torch.no_grad():
+            model(x).argmax(dim=1)
+        floor()
+
+    return run
+
+
 def forward_batches(model: nn.Module, inputs: Tensor, batch_size: int) -> Run:
     """``model(batch)`` over ``inputs`` under ``torch.inference_mode()``, ``batch_size`` rows at a time."""
 
@@ -104,6 +117,11 @@ def gradient_family_rows(model: nn.Module, x: Tensor, args: argparse.Namespace) 
         measure(f"smoothgrad samples={n} (default batch {default})", f"the same in batches of {default}",
                 lambda: smoothgrad(model, x, samples=n), input_floor_batches(model, noisy, default), args),
     ]
+    if args.clean_floor:
+        rows.append(measure(f"smoothgrad samples={n} batch_size={n * batch}",
+                            f"fwd of the {batch} clean inputs + fwd+bwd of {n * batch}, one batch",
+                            lambda: smoothgrad(model, x, samples=n, batch_size=n * batch),
+                            clean_then(model, x, input_floor_batches(model, noisy, n * batch)), args))
     with torch.no_grad():
         given = model(x).argmax(dim=1)  # the class a caller passes: no clean forward inside the call
     rows.append(measure(f"smoothgrad samples={n} batch_size={n * batch}, target given",
@@ -204,6 +222,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="paired repeats per row (median)")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per row after 3 repeats")
     parser.add_argument("--only-gradient", action="store_true", help="SmoothGrad and IG rows only")
+    parser.add_argument("--clean-floor", action="store_true",
+                        help="also SmoothGrad (target=None) against a floor with the clean forward that "
+                             "fixes its target")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
                         help="cpu: this process's CPU seconds (steadier when shared); wall: perf_counter")
     return parser.parse_args(argv)
