@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -60,8 +61,7 @@ def top_features(values: Tensor, top: int = TOP) -> list[int]:
     """The indices of the ``top`` entries of ``values`` ``[N]`` with the largest ``|value|``, strongest
     first (ties: the lower index first)."""
     v = values.detach().double().cpu().abs()
-    order = sorted(range(v.shape[0]), key=lambda i: (-float(v[i]), i))
-    return order[: min(top, v.shape[0])]
+    return torch.sort(-v, stable=True).indices[:top].tolist()  # stable: equal values keep index order
 
 
 def draw_bars(
