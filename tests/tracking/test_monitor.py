@@ -433,3 +433,32 @@ def test_floating_forward_arguments_follow_the_model_dtype(tmp_path: Path) -> No
     assert dtypes == [(torch.float32, torch.float32), (torch.float64, torch.float64),
                       (torch.float16, torch.float16), (torch.float32, torch.float32)]
     torch.testing.assert_close(monitor._inputs.forward_args[0], scale.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_logging_steps_do_not_repeat_the_construction_checks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    """The probe, labels, layers and options are checked once, at construction; a logging step (in
+    either mode) logs without checking them again (on a GPU the label checks are host syncs)."""
+    from torchvis.tracking import monitor as monitor_module
+    from torchvis.tracking import tensorboard
+
+    calls: list[str] = []
+    for module in (tensorboard, monitor_module):
+        checked = module.check_logging
+
+        def counting(*args: object, _checked: Callable[..., Inputs] = checked, **kwargs: object) -> Inputs:
+            calls.append("check")
+            return _checked(*args, **kwargs)
+
+        monkeypatch.setattr(module, "check_logging", counting)
+    model = DropoutCNN()
+    with Monitor(model, PNGWriter(tmp_path), *data(), layer="conv2", every=1, mean=MEAN, std=STD,
+                 background=background) as monitor:
+        assert calls == ["check"]
+        for step in range(3):
+            monitor.step(step)
+        monitor.wait()
+    assert calls == ["check"]
+    assert (tmp_path / "torchvis-grad_cam" / "step_000002.png").exists()

@@ -43,7 +43,7 @@ from torchvis.tracking.tensorboard import (
     check_sink,
     check_writable,
     is_closed,
-    log_attributions,
+    log_checked,
     model_device,
     moved,
 )
@@ -172,12 +172,11 @@ class Monitor:
         add_layout = getattr(self.writer, "add_custom_scalars", None)
         if self.metrics and not self.logged_steps and callable(add_layout):
             add_layout(scores_layout(self._prefix, self.metrics))  # once: the charts of every method
-        kwargs.update(forward_args=self._inputs.forward_args or None,
-                      forward_kwargs=self._inputs.forward_kwargs or None)
+        # Checked at construction: the step logs without checking the probe, labels and options again.
         if self._background is not None:
-            self._background.submit(step, self.images, self.target, kwargs)
+            self._background.submit(step, self._inputs, self.target, kwargs)
         else:
-            log_attributions(self.writer, self.model, self.images, self.target, step=step, **kwargs)
+            log_checked(self.writer, self.model, self._inputs, self.target, step=step, **kwargs)
         self.logged_steps.append(step)
 
     @property
@@ -251,7 +250,7 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
     return None
 
 
-_Job = tuple[int, list[Tensor], list[bool], InputLike, Any, dict[str, Any]]
+_Job = tuple[int, list[Tensor], list[bool], Inputs, Any, dict[str, Any]]
 
 
 class _Background:
@@ -279,7 +278,7 @@ class _Background:
         for _ in range(self.queue_size):
             self.free.put([t.detach().clone() for t in self.sources])
 
-    def submit(self, step: int, images: InputLike, target: Any, kwargs: dict[str, Any]) -> None:
+    def submit(self, step: int, inputs: Inputs, target: Any, kwargs: dict[str, Any]) -> None:
         """Copy the weights into a free slot (waiting for one if ``queue_size`` steps are queued) and
         queue the step."""
         sources = [*self.model.parameters(), *self.model.buffers()]
@@ -292,7 +291,7 @@ class _Background:
         with torch.no_grad():
             torch._foreach_copy_(slot, [t.detach() for t in sources])
         modes = [m.training for m in self.model.modules()]
-        self.jobs.put((step, slot, modes, images, target, kwargs))
+        self.jobs.put((step, slot, modes, inputs, target, kwargs))
 
     def _fits(self, sources: list[Tensor]) -> bool:
         return len(sources) == len(self.sources) and all(
@@ -312,14 +311,14 @@ class _Background:
             finally:
                 self.jobs.task_done()
 
-    def _log(self, step: int, slot: list[Tensor], modes: list[bool], images: InputLike, target: Any,
+    def _log(self, step: int, slot: list[Tensor], modes: list[bool], inputs: Inputs, target: Any,
              kwargs: dict[str, Any]) -> None:
         with torch.no_grad():
             torch._foreach_copy_(self.targets, slot)
         self.free.put(slot)
         for module, training in zip(self.shadow.modules(), modes, strict=True):
             module.training = training
-        log_attributions(self.writer, self.shadow, images, target, step=step, **kwargs)
+        log_checked(self.writer, self.shadow, inputs, target, step=step, **kwargs)
 
     def raise_error(self) -> None:
         """Raise the first error of the worker not raised yet."""

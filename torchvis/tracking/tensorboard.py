@@ -130,6 +130,36 @@ def log_attributions(
                            std=std, class_names=class_names, options=options, feature_names=feature_names,
                            metrics=metrics, forward_args=forward_args, forward_kwargs=forward_kwargs)
     check_sink(writer)
+    return log_checked(writer, model, inputs, target, step=step, methods=methods, labels=labels, layer=layer,
+                       mean=mean, std=std, class_names=class_names, feature_names=feature_names,
+                       prefix=prefix, log_inputs=log_inputs, looks=looks, metrics=metrics,
+                       metric_options=metric_options, **options)
+
+
+def log_checked(
+    writer: Sink,
+    model: nn.Module,
+    inputs: Inputs,
+    target: Target,
+    *,
+    step: int,
+    methods: Methods,
+    labels: Labels | None,
+    layer: LayerRef | None | Sequence[LayerRef | None],
+    mean: Stats | None,
+    std: Stats | None,
+    class_names: Sequence[str] | None,
+    feature_names: FeatureNames,
+    prefix: str,
+    log_inputs: bool,
+    looks: Mapping[str, Look] | None,
+    metrics: Sequence[str],
+    metric_options: Mapping[str, Any] | None,
+    **options: Any,
+) -> dict[str, Tensor]:
+    """:func:`log_attributions` of ``inputs`` (the forward arguments inside them) whose arguments
+    :func:`check_logging`, :func:`check_metrics` and :func:`check_sink` have passed — the Monitor checks
+    them once, at construction, not at every logging step (on a GPU the label checks are host syncs)."""
     device = model_device(model) or inputs.device
     inputs = moved(inputs, device)
     x = inputs.tensors
