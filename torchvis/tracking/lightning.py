@@ -160,19 +160,19 @@ class AttributionCallback(pl.Callback):
         if self._started:
             return
         kw = self.kwargs
-        check_logging(pl_module, self.images, self.labels, methods=kw["methods"], layer=kw["layer"],
-                      target=kw["target"], mean=kw["mean"], std=kw["std"], class_names=kw["class_names"],
-                      options=self.options, feature_names=kw["feature_names"], metrics=kw["metrics"],
-                      forward_args=kw["forward_args"], forward_kwargs=kw["forward_kwargs"])
-        self._started, self.logged_steps = True, []
         if trainer.is_global_zero:
             writer = tensorboard_logger(trainer).experiment
             # trainer.validate runs its hooks under inference_mode; the probe must not become an
-            # inference tensor when the monitor copies it.
+            # inference tensor when the monitor copies it. The Monitor checks the arguments as it is built.
             with torch.inference_mode(False):
                 self.monitor = Monitor(pl_module, writer, self.images, self.labels,
-                                       every=self.every_n_steps or 1, background=self.background,
-                                       **self.kwargs)
+                                       every=self.every_n_steps or 1, background=self.background, **kw)
+        else:
+            check_logging(pl_module, self.images, self.labels, methods=kw["methods"], layer=kw["layer"],
+                          target=kw["target"], mean=kw["mean"], std=kw["std"], class_names=kw["class_names"],
+                          options=self.options, feature_names=kw["feature_names"], metrics=kw["metrics"],
+                          forward_args=kw["forward_args"], forward_kwargs=kw["forward_kwargs"])
+        self._started, self.logged_steps = True, []
 
     def _log_if_due(self, trainer: pl.Trainer) -> None:
         step = trainer.global_step
