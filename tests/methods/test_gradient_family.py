@@ -294,6 +294,26 @@ def test_smoothgrad_in_explain_passes_its_options_on(
     assert torch.equal(maps["smoothgrad"], smoothgrad(model, x, method="guided_backprop", samples=3, seed=2))
 
 
+def test_smoothgrad_of_a_layer_method_in_explain_gets_the_requested_layers(
+    small_cnn: Callable[[int], nn.Module], randn: Callable[..., Tensor]
+) -> None:
+    """SmoothGrad of Grad-CAM in explain smooths the CAM at each layer asked for (it used to run at
+    the automatic layer, whatever was asked); SmoothGrad of saliency beside it takes no layer."""
+    model, x = small_cnn(5), randn(5, 2, 3, 8, 8)
+    options = {"method": "grad_cam", "samples": 3, "seed": 2}
+    at = {name: smoothgrad(model, x, layer=name, **options) for name in ("conv1", "conv2")}
+    assert not torch.equal(at["conv1"], at["conv2"])
+    one = explain(model, x, methods=["smoothgrad"], layer="conv1", **options)
+    assert torch.equal(one["smoothgrad"], at["conv1"])
+    both = explain(model, x, methods=["grad_cam", "vargrad"], layer=["conv1", "conv2"], **options)
+    assert set(both) == {"grad_cam/conv1", "grad_cam/conv2", "vargrad/conv1", "vargrad/conv2"}
+    for name in ("conv1", "conv2"):
+        assert torch.equal(both[f"vargrad/{name}"], vargrad(model, x, layer=name, **options))
+    plain = explain(model, x, methods=["smoothgrad", "grad_cam"], layer=["conv1", "conv2"], samples=3, seed=2)
+    assert set(plain) == {"smoothgrad", "grad_cam/conv1", "grad_cam/conv2"}
+    assert torch.equal(plain["smoothgrad"], smoothgrad(model, x, samples=3, seed=2))
+
+
 def test_smoothgrad_bad_input(small_cnn: Callable[[int], nn.Module], randn: Callable[..., Tensor]) -> None:
     model, x = small_cnn(0), randn(0, 2, 3, 8, 8)
     for function in (smoothgrad, vargrad):

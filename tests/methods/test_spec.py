@@ -94,6 +94,9 @@ def test_register_refuses_inconsistent_specs() -> None:
         register("hires", hires, needs=Need.LAYER_GRADIENT, from_pass=lambda shared: shared.x)
     with pytest.raises(ValueError, match="without '/'"):
         register("a/b", hires)
+    with pytest.raises(TypeError, match="wraps='method': 'hires' must take that option, with a default"):
+        register("hires", hires, wraps="method")
+    assert "hires" not in SPECS
 
 
 def test_unknown_method_names_the_close_ones(small_cnn: Callable[[int], nn.Module]) -> None:

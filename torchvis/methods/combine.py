@@ -44,11 +44,12 @@ def explain(
     once: saliency and every CAM variant at every requested layer share one forward and one backward;
     guided backprop and guided Grad-CAM share one guided pass; perturbation and other methods run
     their own. Every method explains the same class per example (``target=None``: the predicted one).
-    A method that takes a layer — registered or a plain function whose signature names ``layer`` —
-    gets each requested layer; with a list of layers its keys are ``"<method>/<layer>"``, else
-    ``"<method>"``. ``options`` go to the methods whose signature names them (``abs``, ``relu``,
-    ``upsample``, ``window``, ``reshape``, ``layer_input``, ...); an option no method takes is an
-    error. A layer may be one element of a tuple output: ``("encoder.lstm", 0)`` or
+    A method that takes a layer — registered or a plain function whose signature names ``layer``, or
+    SmoothGrad/VarGrad of one (``method="grad_cam"``) — gets each requested layer; with a list of
+    layers its keys are ``"<method>/<layer>"``, else ``"<method>"``. ``options`` go to the methods
+    whose signature names them (``abs``, ``relu``, ``upsample``, ``window``, ``reshape``,
+    ``layer_input``, ...); an option no method takes is an error. A layer may be one element of a
+    tuple output: ``("encoder.lstm", 0)`` or
     ``"encoder.lstm[0]"`` (a list of layers is a list, never a tuple). ``x`` may be a tuple of
     inputs (each method then returns a tuple of maps, one per input, where its spec says so);
     ``forward_args``/``forward_kwargs`` go to the model with every call (see
@@ -88,8 +89,9 @@ def explain_batch(
     shared_specs = [spec for spec in specs if spec.shared]
     # The layers' names for the methods that run their own passes, resolved (an unknown layer refused)
     # before any pass runs; None where the shared pass picks the layer (layer=None).
+    layered = {spec.name: spec.takes_layer_with(routed[spec.name]) for spec in specs}
     own_names = ([_layer_name(model, ref) for ref in layers]
-                 if any(spec.takes_layer and not spec.shared for spec in specs) else None)
+                 if any(layered[spec.name] and not spec.shared for spec in specs) else None)
     names: list[str] | None = None
     logits = None
     if shared_specs:
@@ -119,7 +121,7 @@ def explain_batch(
         kwargs = dict(routed[spec.name]) | extra[spec.name]
         if "eval_mode" in spec.parameters:
             kwargs["eval_mode"] = eval_mode
-        if not spec.takes_layer:
+        if not layered[spec.name]:
             results[spec.name] = spec.function(model, x, target, **kwargs)
             continue
         picked = names is not None  # the shared pass resolved the layers (layer=None included)

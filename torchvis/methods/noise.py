@@ -213,5 +213,5 @@ def vargrad(
     return tuple(torch.zeros_like(m) for m in mean) if isinstance(mean, tuple) else torch.zeros_like(mean)
 
 
-register("smoothgrad", smoothgrad, needs=Need.OWN, look=Look.SIGNED, title="SmoothGrad")
-register("vargrad", vargrad, needs=Need.OWN, look=Look.HEAT_OVERLAY, title="VarGrad")
+register("smoothgrad", smoothgrad, needs=Need.OWN, look=Look.SIGNED, title="SmoothGrad", wraps="method")
+register("vargrad", vargrad, needs=Need.OWN, look=Look.HEAT_OVERLAY, title="VarGrad", wraps="method")

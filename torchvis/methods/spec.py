@@ -84,6 +84,7 @@ class MethodSpec:
     title: str
     needs_hooks: bool
     options: tuple[str, ...] = field(default=())  # keyword options of ``function`` a caller may set
+    wraps: str | None = None  # the option naming a method this one runs (SmoothGrad's ``method``)
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -94,6 +95,14 @@ class MethodSpec:
     def shared(self) -> bool:
         """Whether :func:`torchvis.explain` computes it from the shared passes."""
         return self.from_pass is not None
+
+    def takes_layer_with(self, options: Mapping[str, Any]) -> bool:
+        """Whether the method, called with ``options``, takes a layer: its signature names ``layer``,
+        or the method it wraps (:attr:`wraps`, e.g. SmoothGrad of Grad-CAM) does."""
+        if self.takes_layer or self.wraps is None:
+            return self.takes_layer
+        wrapped = options.get(self.wraps, inspect.signature(self.function).parameters[self.wraps].default)
+        return spec_of(wrapped).takes_layer
 
     @property
     def layer_required(self) -> bool:
@@ -124,6 +133,7 @@ def register(
     title: str | None = None,
     needs_hooks: bool | None = None,
     replace: bool = False,
+    wraps: str | None = None,
 ) -> MethodSpec:
     """Register ``function`` ``(model, x, target=None, *, [layer], **options) -> Tensor`` as ``name``.
 
@@ -132,7 +142,9 @@ def register(
     when its signature names ``layer``; ``explain`` then gives it each requested layer. ``look`` and
     ``title`` say how figures and TensorBoard draw and label its maps; ``needs_hooks`` (default: it
     takes a layer or needs a layer or guided pass) whether it must see inside the model, so it cannot
-    run on TorchScript or a plain function.
+    run on TorchScript or a plain function. ``wraps`` names the option (with a default) by which the
+    method is told another method to run, as SmoothGrad's ``method``: ``explain`` then gives it each
+    requested layer when that method takes one (passed on in its ``**options``).
     Returns the spec; ``torchvis.METHODS[name]`` is then ``function``.
     """
     if not isinstance(name, str) or not name or "/" in name:
@@ -166,7 +178,10 @@ def register(
         title=title or name.replace("_", " "),
         needs_hooks=sees_inside(wanted, takes_layer) if needs_hooks is None else needs_hooks,
         options=options,
+        wraps=wraps,
     )
+    if wraps is not None and (wraps not in params or params[wraps].default is params[wraps].empty):
+        raise TypeError(f"wraps={wraps!r}: {name!r} must take that option, with a default method")
     _SPECS[name] = spec
     return spec
 
