@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -65,6 +66,11 @@ class Engine:
     work: float = 1.0  # estimated multiply-adds, a share of the naive path's
     macs: float = 0.0  # estimated multiply-adds of one naive occluded image (convolutions, linear)
     per_item: int = 1  # values held per occluded image at the widest node
+
+    @cached_property
+    def last_uses(self) -> dict[int, list[fx.Node]]:
+        """By node index: the nodes whose values are read for the last time there (then freed)."""
+        return _last_uses(self.graph)
 
     @property
     def logits(self) -> Tensor:
@@ -305,7 +311,6 @@ def occluded_logits(engine: Engine, lo: int, hi: int) -> Tensor:
     batch, device = engine.x.shape[0], engine.x.device
     flat = torch.arange(lo, hi)
     windows, examples = flat // batch, (flat % batch).to(device)
-    last_use = _last_uses(engine.graph)
     values: dict[fx.Node, Any] = {}
     for index, node in enumerate(engine.graph.nodes):
         if node.op == "output":
@@ -322,7 +327,7 @@ def occluded_logits(engine: Engine, lo: int, hi: int) -> Tensor:
             if mutates_input(engine.model, node) and args and isinstance(args[0], Tensor):
                 args = (args[0].clone(), *args[1:])  # a patch or clean value another node still reads
             values[node] = call(engine.model, node, args, kwargs)
-        for done in last_use.get(index, ()):
+        for done in engine.last_uses.get(index, ()):
             values.pop(done, None)
     raise AssertionError("the graph has no output")
 
