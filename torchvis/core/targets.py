@@ -112,7 +112,7 @@ def _class_target(target: Any, logits: Tensor) -> Tensor:
         raise TypeError(f"target must hold integer class indices, not {t.dtype}")
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"target must have one class per example ({batch}); got shape {list(t.shape)}")
-    low, high = int(t.min()), int(t.max())
+    low, high = torch.stack([t.min(), t.max()]).tolist()  # one host sync, not two
     if low < 0 or high >= classes:
         bad = low if low < 0 else high
         raise ValueError(f"target {bad} is out of range for {classes} classes")
@@ -146,8 +146,8 @@ def _index_target(target: Any, output: Tensor) -> Tensor:
             f"the model's output has shape {list(output.shape)}: a target needs {k} indices per example "
             f"(a tuple of {k} ints, or [B={batch}, {k}]); got shape {list(index.shape)}"
         )
-    for d, size in enumerate(dims):
-        low, high = int(index[:, d].min()), int(index[:, d].max())
+    lows, highs = torch.stack([index.amin(dim=0), index.amax(dim=0)]).tolist()  # one host sync
+    for d, (size, low, high) in enumerate(zip(dims, lows, highs, strict=True)):
         if low < 0 or high >= size:
             raise ValueError(
                 f"target index {low if low < 0 else high} is out of range for dimension {d + 1} of the "
