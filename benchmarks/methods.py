@@ -11,8 +11,8 @@ median of the paired ratios with its spread (the lowest and highest ratio of the
   default batch size in batches of that size;
 - Integrated Gradients (``steps`` nodes): the same floor for its ``steps * B`` path points;
 - both also with the target given (the predicted class, passed in): the call then runs no forward of
-  the clean input to fix it; with ``--clean-floor``, SmoothGrad with ``target=None`` also against a
-  floor that runs that forward too (``model(x).argmax(1)`` without gradients, then the batch);
+  the clean input to fix it; with ``--clean-floor``, both with ``target=None`` also against a floor
+  that runs that forward too (``model(x).argmax(1)`` without gradients, then the batch);
 - ``explain`` of Grad-CAM, Grad-CAM++, XGrad-CAM, LayerCAM and HiResCAM at one layer: one
   ``grad_cam`` call at that layer;
 - Score-CAM: ``model(batch)`` under ``torch.inference_mode()`` over ``K * B`` images, built
@@ -144,6 +144,11 @@ def gradient_family_rows(model: nn.Module, x: Tensor, args: argparse.Namespace) 
                 lambda: integrated_gradients(model, x, given, steps=steps, batch_size=steps * batch),
                 input_floor_batches(model, path, steps * batch), args),
     ]
+    if args.clean_floor:
+        rows.append(measure(f"integrated_gradients steps={steps} batch_size={steps * batch}",
+                            f"fwd of the {batch} clean inputs + fwd+bwd of {steps * batch}, one batch",
+                            lambda: integrated_gradients(model, x, steps=steps, batch_size=steps * batch),
+                            clean_then(model, x, input_floor_batches(model, path, steps * batch)), args))
     return rows
 
 
@@ -223,8 +228,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=30.0, help="seconds per row after 3 repeats")
     parser.add_argument("--only-gradient", action="store_true", help="SmoothGrad and IG rows only")
     parser.add_argument("--clean-floor", action="store_true",
-                        help="also SmoothGrad (target=None) against a floor with the clean forward that "
-                             "fixes its target")
+                        help="also SmoothGrad and IG (target=None) against a floor with the clean forward "
+                             "that fixes their target")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="cpu",
                         help="cpu: this process's CPU seconds (steadier when shared); wall: perf_counter")
     return parser.parse_args(argv)
