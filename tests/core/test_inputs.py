@@ -201,14 +201,16 @@ def test_explain_refuses_a_plain_function_for_guided_backprop_before_any_pass() 
          "upsample cannot be None"),
         (lambda m, x: torchvis.explain(m, x, methods=["saliency", "grad_cam"], layer="conv",
                                        upsample="bicubic"), "upsample must be"),
+        (lambda m, x: torchvis.explain(m, x, methods=["grad_cam", "guided_grad_cam"], layer="conv",
+                                       upsample=None), "upsample cannot be None"),
         # Score-CAM runs its own passes: its unknown layer is found before saliency's shared pass runs.
         (lambda m, x: torchvis.explain(m, x, methods=["saliency", "score_cam"], layer="nope"),
          "unknown layer 'nope'"),
         (lambda m, x: torchvis.explain(m, x, methods=["grad_cam", "score_cam"], layer=["conv", "nope"]),
          "unknown layer 'nope'"),
     ],
-    ids=["grad_cam", "layer_cam", "guided_grad_cam", "explain-upsample", "explain-own-pass-layer",
-         "explain-layer-list"],
+    ids=["grad_cam", "layer_cam", "guided_grad_cam", "explain-upsample", "explain-guided-upsample",
+         "explain-own-pass-layer", "explain-layer-list"],
 )
 def test_bad_layer_options_are_refused_before_the_model_runs(call: Any, match: str) -> None:
     model = Counting().double().eval()

@@ -309,6 +309,9 @@ def test_smoothgrad_of_a_layer_method_in_explain_gets_the_requested_layers(
     assert set(both) == {"grad_cam/conv1", "grad_cam/conv2", "vargrad/conv1", "vargrad/conv2"}
     for name in ("conv1", "conv2"):
         assert torch.equal(both[f"vargrad/{name}"], vargrad(model, x, layer=name, **options))
+    signed = explain(model, x, methods=["smoothgrad"], layer="conv1", relu=False, upsample=None, **options)
+    assert torch.equal(signed["smoothgrad"], smoothgrad(model, x, layer="conv1", relu=False, upsample=None,
+                                                        **options))  # the CAM's own options reach it
     plain = explain(model, x, methods=["smoothgrad", "grad_cam"], layer=["conv1", "conv2"], samples=3, seed=2)
     assert set(plain) == {"smoothgrad", "grad_cam/conv1", "grad_cam/conv2"}
     assert torch.equal(plain["smoothgrad"], smoothgrad(model, x, samples=3, seed=2))

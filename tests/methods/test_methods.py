@@ -274,8 +274,9 @@ def test_explain_equals_individual_methods(
         "occlusion": occlusion(model, x, target, **occ),
         "gradient_x_input": torchvis.gradient_x_input(model, x, target),
         "integrated_gradients": torchvis.integrated_gradients(model, x, target, baseline=0.1),
-        "smoothgrad": torchvis.smoothgrad(model, x, target),
-        "vargrad": torchvis.vargrad(model, x, target),
+        # SmoothGrad and VarGrad of saliency get saliency's options too.
+        "smoothgrad": torchvis.smoothgrad(model, x, target, abs=True),
+        "vargrad": torchvis.vargrad(model, x, target, abs=True),
         "score_cam": torchvis.score_cam(model, x, target, layer="conv2"),
         **{name: METHODS[name](model, x, target, layer="conv2", relu=False)
            for name in ("grad_cam_pp", "xgrad_cam", "layer_cam", "hires_cam")},

@@ -186,3 +186,18 @@ def test_reshape_errors_leave_the_model_untouched() -> None:
         torchvis.grad_cam(model, x, layer="block")
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert all(not m.training for m in model.modules()) and all(p.grad is None for p in model.parameters())
+
+
+def test_smoothgrad_of_grad_cam_in_explain_on_a_vit_reads_the_tokens() -> None:
+    """SmoothGrad of Grad-CAM beside Grad-CAM, ``layer=None``, on a ViT: the automatic layer is the
+    last block's ``ln_1`` read with ``reshape='auto'``, for the smoothed CAM as for the plain one;
+    and the CAM's options (``relu``) reach both."""
+    model, x = seeded(3, small_vit), randn(4, 2, 3, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        maps = torchvis.explain(model, x, methods=["grad_cam", "smoothgrad"], method="grad_cam", samples=2,
+                                relu=False)
+        direct = torchvis.smoothgrad(model, x, method="grad_cam", samples=2, relu=False)
+    assert torch.equal(maps["smoothgrad"], direct)
+    assert torch.equal(maps["grad_cam"], torchvis.grad_cam(model, x, relu=False))
+    assert (maps["smoothgrad"] < 0).any()  # relu=False reached the smoothed CAM too

@@ -112,7 +112,7 @@ def _class_target(target: Any, logits: Tensor) -> Tensor:
         raise TypeError(f"target must hold integer class indices, not {t.dtype}")
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"target must have one class per example ({batch}); got shape {list(t.shape)}")
-    low, high = torch.stack([t.min(), t.max()]).tolist()  # one host sync, not two
+    low, high = torch.stack(torch.aminmax(t)).tolist()  # one host sync, not two
     if low < 0 or high >= classes:
         bad = low if low < 0 else high
         raise ValueError(f"target {bad} is out of range for {classes} classes")
@@ -146,7 +146,7 @@ def _index_target(target: Any, output: Tensor) -> Tensor:
             f"the model's output has shape {list(output.shape)}: a target needs {k} indices per example "
             f"(a tuple of {k} ints, or [B={batch}, {k}]); got shape {list(index.shape)}"
         )
-    lows, highs = torch.stack([index.amin(dim=0), index.amax(dim=0)]).tolist()  # one host sync
+    lows, highs = torch.stack(torch.aminmax(index, dim=0)).tolist()  # one host sync
     for d, (size, low, high) in enumerate(zip(dims, lows, highs, strict=True)):
         if low < 0 or high >= size:
             raise ValueError(

@@ -11,7 +11,7 @@ from torchvis.core.hooks import LayerAddress, address, is_element
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
-from torchvis.methods.cam import check_upsample, default_reshape
+from torchvis.methods.cam import check_guided_upsample, check_upsample, default_reshape
 from torchvis.methods.spec import MethodSpec, Need, extra_arguments, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
@@ -84,14 +84,17 @@ def explain_batch(
     layers: list[LayerAddress | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
     if "upsample" in options and any(Need.LAYER_GRADIENT in spec.needs for spec in specs):
-        check_upsample(options["upsample"], inputs.first)  # the CAMs' option, refused before any pass
+        # The CAMs' option, refused before any pass; guided Grad-CAM needs the CAM at the input's size.
+        guided = any({Need.LAYER_GRADIENT, Need.GUIDED} <= spec.needs for spec in specs)
+        (check_guided_upsample if guided else check_upsample)(options["upsample"], inputs.first)
 
     shared_specs = [spec for spec in specs if spec.shared]
     # The layers' names for the methods that run their own passes, resolved (an unknown layer refused)
     # before any pass runs; None where the shared pass picks the layer (layer=None).
     layered = {spec.name: spec.takes_layer_with(routed[spec.name]) for spec in specs}
     own_names = ([_layer_name(model, ref) for ref in layers]
-                 if any(layered[spec.name] and not spec.shared for spec in specs) else None)
+                 if any(layered[spec.name] and not spec.shared for spec in specs)
+                 and not any(spec.takes_layer for spec in shared_specs) else None)
     names: list[str] | None = None
     logits = None
     if shared_specs:
@@ -131,7 +134,7 @@ def explain_batch(
             layer_kwargs = kwargs
             if picked and ref is None:  # the layer the pass picked, so that the key says what was used
                 layer_kwargs = dict(kwargs, layer=name)
-                if "reshape" in spec.options:
+                if "reshape" in spec.options_with(kwargs):
                     layer_kwargs["reshape"] = default_reshape(model, None, kwargs.get("reshape"))
             else:
                 layer_kwargs = dict(kwargs, layer=ref)
@@ -154,10 +157,11 @@ def unique_specs(methods: Sequence[Method]) -> list[MethodSpec]:
 
 
 def route_options(specs: Sequence[MethodSpec], options: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Give each method the options its signature names; an option no method takes is an error."""
+    """Give each method the options its signature names (for SmoothGrad and VarGrad: also those of
+    the method they wrap, which they pass on); an option no method takes is an error."""
     routed: dict[str, dict[str, Any]] = {spec.name: {} for spec in specs}
     for key, value in options.items():
-        takers = [spec.name for spec in specs if key in spec.options]
+        takers = [spec.name for spec in specs if key in spec.options_with(options)]
         if not takers:
             raise TypeError(f"option {key!r} is taken by none of the methods {[s.name for s in specs]}")
         for name in takers:

@@ -85,6 +85,7 @@ class MethodSpec:
     needs_hooks: bool
     options: tuple[str, ...] = field(default=())  # keyword options of ``function`` a caller may set
     wraps: str | None = None  # the option naming a method this one runs (SmoothGrad's ``method``)
+    wraps_default: Any = None  # that option's default
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -96,13 +97,24 @@ class MethodSpec:
         """Whether :func:`torchvis.explain` computes it from the shared passes."""
         return self.from_pass is not None
 
+    def wrapped(self, options: Mapping[str, Any]) -> MethodSpec | None:
+        """The spec of the method this one runs when called with ``options`` (:attr:`wraps`, e.g.
+        SmoothGrad's ``method``); ``None`` for a method that wraps none."""
+        if self.wraps is None:
+            return None
+        return spec_of(options.get(self.wraps, self.wraps_default))
+
     def takes_layer_with(self, options: Mapping[str, Any]) -> bool:
         """Whether the method, called with ``options``, takes a layer: its signature names ``layer``,
-        or the method it wraps (:attr:`wraps`, e.g. SmoothGrad of Grad-CAM) does."""
-        if self.takes_layer or self.wraps is None:
-            return self.takes_layer
-        wrapped = options.get(self.wraps, inspect.signature(self.function).parameters[self.wraps].default)
-        return spec_of(wrapped).takes_layer
+        or the method it wraps does (SmoothGrad of Grad-CAM)."""
+        wrapped = self.wrapped(options)
+        return self.takes_layer or (wrapped is not None and wrapped.takes_layer)
+
+    def options_with(self, options: Mapping[str, Any]) -> tuple[str, ...]:
+        """The options the method takes when called with ``options``: its own, and those of the method
+        it wraps, which it passes on (SmoothGrad of Grad-CAM takes ``relu``, ``reshape``, ...)."""
+        wrapped = self.wrapped(options)
+        return self.options if wrapped is None else self.options + wrapped.options
 
     @property
     def layer_required(self) -> bool:
@@ -179,6 +191,7 @@ def register(
         needs_hooks=sees_inside(wanted, takes_layer) if needs_hooks is None else needs_hooks,
         options=options,
         wraps=wraps,
+        wraps_default=params[wraps].default if wraps is not None and wraps in params else None,
     )
     if wraps is not None and (wraps not in params or params[wraps].default is params[wraps].empty):
         raise TypeError(f"wraps={wraps!r}: {name!r} must take that option, with a default method")

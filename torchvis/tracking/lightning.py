@@ -60,11 +60,12 @@ class AttributionCallback(pl.Callback):
     current step unless that step was already logged; this works from ``trainer.validate``, whose
     ``torch.inference_mode`` is left for the duration of the log (the probe, the weights and the maps
     are ordinary tensors). Only global rank zero computes, on the unwrapped ``pl_module``, whose
-    forward must return ``[B, classes]`` logits (or take a callable ``target``); no collective is
-    called. The probe is any input the methods take: a tensor ``[B, ...]`` (images, tables, signals,
-    volumes) or a tuple of them, with ``forward_args``/``forward_kwargs`` and ``feature_names`` as in
-    :class:`~torchvis.monitor.Monitor`. Training is unchanged bit
-    for bit (see :class:`torchvis.monitor.Monitor`). A missing TensorBoard logger fails at ``setup``,
+    forward returns ``[B, classes]`` logits, one score per example ``[B]`` (no ``labels`` then), or
+    anything a callable or tuple ``target`` reads; no collective is called. The probe is any input
+    the methods take: a tensor ``[B, ...]`` (images, tables, signals, volumes) or a tuple of them,
+    with ``forward_args``/``forward_kwargs`` and ``feature_names`` as in
+    :class:`~torchvis.monitor.Monitor`. Training is unchanged bit for bit (see
+    :class:`torchvis.monitor.Monitor`). A missing TensorBoard logger fails at ``setup``,
     a bad probe, layer, method or option at the start of fit or validation, on every rank (an unknown
     metric already here). ``metrics`` and ``metric_options`` as in :class:`~torchvis.monitor.Monitor`.
     ``background=True`` computes and writes the maps in a worker thread on a snapshot of the weights

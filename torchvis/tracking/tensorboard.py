@@ -181,8 +181,9 @@ def log_checked(
         if class_names is not None and len(class_names) != logits.shape[1]:
             raise ValueError(
                 f"class_names has {len(class_names)} names; the model has {logits.shape[1]} classes")
-        if y is not None and int(y.max()) >= logits.shape[1]:
-            raise ValueError(f"labels go up to {int(y.max())}; the model has {logits.shape[1]} classes")
+        true = None if y is None else y.tolist()  # one read of the labels, also for the text
+        if true is not None and max(true) >= logits.shape[1]:
+            raise ValueError(f"labels go up to {max(true)}; the model has {logits.shape[1]} classes")
         predicted = logits.argmax(dim=1)
         resolved = explained = predicted if target is None else resolve_target(target, logits)
     maps = explain(model, x if inputs.was_tuple else x[0], explained, methods=methods, layer=layer,
@@ -220,7 +221,7 @@ def log_checked(
         elif target is not None:
             shown_target = explained.tolist()
         text = classes_text(classes, predicted.tolist(), probability.tolist(),
-                            None if y is None else y.tolist(), shown_target)
+                            true, shown_target)
     else:
         text = scores_text(target, score_of(output, resolved, batch).float().tolist())
     writer.add_text(f"{prefix}/classes", text, step)
@@ -310,7 +311,8 @@ def scores_text(target: Any, scores: Sequence[float]) -> str:
     """A markdown table of the explained score per example, for a model whose output is not
     ``[B, classes]`` (a callable target, an index into a larger output, one score per example)."""
     lines = ["| # | explained | score |", "|---|---|---|"]
-    lines += [f"| {i} | {explained_text(target, i)} | {s:.4g} |" for i, s in enumerate(scores)]
+    on_host = target.cpu() if isinstance(target, Tensor) else target  # one read, not one per example
+    lines += [f"| {i} | {explained_text(on_host, i)} | {s:.4g} |" for i, s in enumerate(scores)]
     return "\n".join(lines)
 
 
@@ -353,8 +355,9 @@ def check_logging(
         if y.dim() != 1 or y.shape[0] != batch or y.dtype.is_floating_point or y.dtype == torch.bool:
             raise ValueError(f"labels must be {batch} integer class indices; got {y.dtype} {list(y.shape)}")
         high = len(class_names) if class_names is not None else math.inf
-        if int(y.min()) < 0 or int(y.max()) >= high:
-            raise ValueError(f"labels must lie in [0, {high}); got {y.min().item()}..{y.max().item()}")
+        low, top = torch.stack(torch.aminmax(y)).tolist()
+        if low < 0 or top >= high:
+            raise ValueError(f"labels must lie in [0, {high}); got {low}..{top}")
     specs = unique_specs(methods)
     refs: Sequence[LayerRef | None] = layer if isinstance(layer, (list, tuple)) else [layer]  # type: ignore[list-item]
     for ref in refs:
@@ -423,7 +426,7 @@ def _check_options(specs: Sequence[MethodSpec], options: Mapping[str, Any], *, h
     """Every option is taken by some method, every method gets the options it requires, and a method
     whose ``layer`` has no default gets one."""
     for key in options:
-        if not any(key in spec.options for spec in specs):
+        if not any(key in spec.options_with(options) for spec in specs):
             raise TypeError(f"option {key!r} is taken by none of the methods {[s.name for s in specs]}")
     for spec in specs:
         missing = [name for name in spec.required_options if name not in options]
