@@ -111,6 +111,8 @@ class Row:
     ms: float | None = None
     floor_ms: float | None = None
     ratio: float | None = None
+    min_ratio: float | None = None  # the spread of the paired ratios
+    max_ratio: float | None = None
     images_per_s: float | None = None
     peak_mb: float | None = None
     floor_peak_mb: float | None = None
@@ -236,6 +238,7 @@ def measure(row: Row, run: Run, floor: Run, settings: Settings) -> Row:
         cpu_clock=settings.cpu_clock,
     )
     row.ms, row.floor_ms, row.ratio = timing.median * 1e3, timing.floor_median * 1e3, timing.ratio
+    row.min_ratio, row.max_ratio = min(timing.ratios), max(timing.ratios)
     row.images_per_s = row.batch / timing.median
     row.repeats = len(timing.seconds)
     if settings.memory:
@@ -414,6 +417,7 @@ def training_rows(settings: Settings) -> list[Row]:
         row = Row("digits training", 28, result.batch, settings.device.type, result.name, "train step")
         timing = result.timing
         row.ms, row.floor_ms, row.ratio = timing.median * 1e3, timing.floor_median * 1e3, timing.ratio
+        row.min_ratio, row.max_ratio = min(timing.ratios), max(timing.ratios)
         row.images_per_s, row.repeats = result.batch / timing.median, len(timing.seconds)
         if result.call_us is not None:
             row.call_us = result.call_us
@@ -427,8 +431,8 @@ def training_rows(settings: Settings) -> list[Row]:
 # --- output --------------------------------------------------------------------------------------
 
 HEADER = (
-    f"{'method':<44} {'ms':>9} {'floor ms':>9} {'×floor':>7} {'img/s':>8} {'peak MB':>8} "
-    f"{'floor MB':>8} {'max|Δ|':>8} {'rel Δ':>8}  floor / note"
+    f"{'method':<44} {'ms':>9} {'floor ms':>9} {'×floor':>7} {'spread':>13} {'n':>3} {'img/s':>8} "
+    f"{'peak MB':>8} {'floor MB':>8} {'max|Δ|':>8} {'rel Δ':>8}  floor / note"
 )
 
 
@@ -438,9 +442,11 @@ def _num(value: float | None, spec: str) -> str:
 
 def format_row(row: Row) -> str:
     tail = "; ".join(part for part in (row.floor, row.note) if part)
+    spread = "-" if row.min_ratio is None else f"{row.min_ratio:.3f}-{row.max_ratio:.3f}"
     return (
         f"{row.name:<44} {_num(row.ms, '9.2f')} {_num(row.floor_ms, '9.2f')} {_num(row.ratio, '7.3f')} "
-        f"{_num(row.images_per_s, '8.1f')} {_num(row.peak_mb, '8.1f')} {_num(row.floor_peak_mb, '8.1f')} "
+        f"{spread:>13} {row.repeats or '-':>3} {_num(row.images_per_s, '8.1f')} "
+        f"{_num(row.peak_mb, '8.1f')} {_num(row.floor_peak_mb, '8.1f')} "
         f"{_num(row.max_diff, '8.1e')} {_num(row.rel_diff, '8.1e')}  {tail}"
     )
 

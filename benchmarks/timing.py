@@ -62,9 +62,14 @@ class Timing:
         return statistics.median(self.floor)
 
     @property
+    def ratios(self) -> list[float]:
+        """(measured / floor) of each repeat."""
+        return [a / b for a, b in zip(self.seconds, self.floor, strict=True)]
+
+    @property
     def ratio(self) -> float:
         """Median over repeats of (measured / floor) within the same repeat."""
-        return statistics.median(a / b for a, b in zip(self.seconds, self.floor, strict=True))
+        return statistics.median(self.ratios)
 
 
 def paired(

@@ -156,6 +156,7 @@ def test_smoke_run_on_digits_without_peers(tmp_path: Path, no_peers: None) -> No
         assert row.ms and row.floor_ms and row.ratio and row.images_per_s and row.repeats == 1
         # One repeat: the paired ratio is that repeat's ratio.
         assert row.ratio == pytest.approx(row.ms / row.floor_ms)
+        assert row.min_ratio == row.max_ratio == row.ratio  # the spread of one pair
         assert row.images_per_s == pytest.approx(2 / (row.ms / 1e3))
         assert row.peak_mb is not None and row.peak_mb > 0
     # 3 windows a side of 14 pixels with stride 7 on 28²: 9 windows, 2 examples.
