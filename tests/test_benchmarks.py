@@ -6,6 +6,7 @@ No timing is asserted; the peers are never required (a run with them hidden must
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from collections.abc import Iterator
@@ -246,3 +247,16 @@ def test_vit_benchmark_measures_grad_cam_against_its_floor() -> None:
     heat = (to_map(grad).mean(dim=(2, 3), keepdim=True) * to_map(seen["a"])).sum(dim=1, keepdim=True).relu()
     expected = torch.nn.functional.interpolate(heat, size=(28, 28), mode="bilinear", align_corners=False)
     torch.testing.assert_close(grad_cam(model, x, vit.TARGET, layer=layer, reshape="auto"), expected.detach())
+
+
+def test_per_call_measures_ours_minus_the_floor_for_each_method() -> None:
+    """A smoke run (no timing is judged): one value per method and round, and the floors compute what
+    the methods compute on the tiny model."""
+    from benchmarks import per_call
+
+    extra = per_call.measure(rounds=2, calls=2)
+    assert list(extra) == ["saliency", "guided_backprop", "grad_cam", "explain saliency+grad_cam"]
+    assert all(len(values) == 2 and all(math.isfinite(v) for v in values) for values in extra.values())
+    model, x = per_call.tiny_model()
+    ours, floor = per_call.cases(model, x)["saliency"]
+    torch.testing.assert_close(ours(), floor(), rtol=0, atol=0)  # the predicted class, the same gradient
