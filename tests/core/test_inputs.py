@@ -203,6 +203,12 @@ def test_explain_refuses_a_plain_function_for_guided_backprop_before_any_pass() 
                                        upsample="bicubic"), "upsample must be"),
         (lambda m, x: torchvis.explain(m, x, methods=["grad_cam", "guided_grad_cam"], layer="conv",
                                        upsample=None), "upsample cannot be None"),
+        (lambda m, x: torchvis.explain(m, x, methods=["saliency", "smoothgrad"], method="grad_cam",
+                                       layer="conv", upsample="bicubic"), "upsample must be"),
+        (lambda m, x: torchvis.explain(m, x, methods=["saliency", "vargrad"], method="guided_grad_cam",
+                                       layer="conv", upsample=None), "upsample cannot be None"),
+        (lambda m, x: torchvis.smoothgrad(m, x, method="grad_cam", layer="conv", upsample="bicubic"),
+         "upsample must be"),
         # Score-CAM runs its own passes: its unknown layer is found before saliency's shared pass runs.
         (lambda m, x: torchvis.explain(m, x, methods=["saliency", "score_cam"], layer="nope"),
          "unknown layer 'nope'"),
@@ -210,6 +216,7 @@ def test_explain_refuses_a_plain_function_for_guided_backprop_before_any_pass() 
          "unknown layer 'nope'"),
     ],
     ids=["grad_cam", "layer_cam", "guided_grad_cam", "explain-upsample", "explain-guided-upsample",
+         "explain-smoothgrad-upsample", "explain-vargrad-guided-upsample", "smoothgrad-upsample",
          "explain-own-pass-layer", "explain-layer-list"],
 )
 def test_bad_layer_options_are_refused_before_the_model_runs(call: Any, match: str) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Model, as_inputs
 from torchvis.core.passes import Shared, shared_passes
 from torchvis.core.targets import Target
-from torchvis.methods.spec import Look, Need, register
+from torchvis.methods.spec import Look, MethodSpec, Need, register
 
 Upsample = bool | str | None
 
@@ -149,6 +149,20 @@ def check_guided_upsample(upsample: Upsample, x: Tensor) -> None:
     """Guided Grad-CAM needs the CAM at ``x``'s size: :func:`check_upsample`, and no ``None``."""
     if interpolation(upsample, x.dim() - 2) is None:
         raise ValueError("guided Grad-CAM multiplies by the CAM at the input's size; upsample cannot be None")
+
+
+def check_cam_upsample(specs: Iterable[MethodSpec], options: Mapping[str, Any], x: Tensor) -> None:
+    """Refuse, before any pass runs, an ``upsample`` in ``options`` that a CAM among ``specs`` (or
+    wrapped by one, as SmoothGrad of Grad-CAM) would refuse for ``x``: guided Grad-CAM's ``None``
+    (:func:`check_guided_upsample`), any CAM's unknown mode (:func:`check_upsample`)."""
+    if "upsample" not in options:
+        return
+    cams = [s for spec in specs for s in (spec, spec.wrapped(options))
+            if s is not None and Need.LAYER_GRADIENT in s.needs]
+    if any(Need.GUIDED in s.needs for s in cams):
+        check_guided_upsample(options["upsample"], x)
+    elif cams:
+        check_upsample(options["upsample"], x)
 
 
 def upsample_to(heat: Tensor, x: Tensor, upsample: Upsample = True) -> Tensor:

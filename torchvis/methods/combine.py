@@ -11,7 +11,7 @@ from torchvis.core.hooks import LayerAddress, address, is_element
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.targets import Target
-from torchvis.methods.cam import check_guided_upsample, check_upsample, default_reshape
+from torchvis.methods.cam import check_cam_upsample, default_reshape
 from torchvis.methods.spec import MethodSpec, Need, extra_arguments, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
@@ -83,25 +83,23 @@ def explain_batch(
     many = isinstance(layer, list) or (isinstance(layer, tuple) and not is_element(layer))
     layers: list[LayerAddress | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
-    if "upsample" in options and any(Need.LAYER_GRADIENT in spec.needs for spec in specs):
-        # The CAMs' option, refused before any pass; guided Grad-CAM needs the CAM at the input's size.
-        guided = any({Need.LAYER_GRADIENT, Need.GUIDED} <= spec.needs for spec in specs)
-        (check_guided_upsample if guided else check_upsample)(options["upsample"], inputs.first)
+    check_cam_upsample(specs, options, inputs.first)  # the CAMs' option, refused before any pass
 
     shared_specs = [spec for spec in specs if spec.shared]
+    shared_layers = any(spec.takes_layer for spec in shared_specs)
     # The layers' names for the methods that run their own passes, resolved (an unknown layer refused)
     # before any pass runs; None where the shared pass picks the layer (layer=None).
     layered = {spec.name: spec.takes_layer_with(routed[spec.name]) for spec in specs}
     own_names = ([_layer_name(model, ref) for ref in layers]
                  if any(layered[spec.name] and not spec.shared for spec in specs)
-                 and not any(spec.takes_layer for spec in shared_specs) else None)
+                 and not shared_layers else None)
     names: list[str] | None = None
     logits = None
     if shared_specs:
         passes = shared_passes(
             model, inputs, target,
             input_grad=any(Need.INPUT_GRADIENT in spec.needs for spec in shared_specs),
-            layers=layers if any(spec.takes_layer for spec in shared_specs) else [],
+            layers=layers if shared_layers else [],
             guided=any(Need.GUIDED in spec.needs for spec in shared_specs),
             eval_mode=eval_mode,
             layer_input=bool(options.get("layer_input", False)),
@@ -160,8 +158,9 @@ def route_options(specs: Sequence[MethodSpec], options: dict[str, Any]) -> dict[
     """Give each method the options its signature names (for SmoothGrad and VarGrad: also those of
     the method they wrap, which they pass on); an option no method takes is an error."""
     routed: dict[str, dict[str, Any]] = {spec.name: {} for spec in specs}
+    taken = {spec.name: spec.options_with(options) for spec in specs}
     for key, value in options.items():
-        takers = [spec.name for spec in specs if key in spec.options_with(options)]
+        takers = [spec.name for spec in specs if key in taken[spec.name]]
         if not takers:
             raise TypeError(f"option {key!r} is taken by none of the methods {[s.name for s in specs]}")
         for name in takers:

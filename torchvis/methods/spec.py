@@ -180,6 +180,8 @@ def register(
         if missing:
             raise TypeError(f"from_pass of {name!r} must take the options of its function too: {missing}")
     takes_layer = "layer" in params
+    if wraps is not None and (wraps not in params or params[wraps].default is params[wraps].empty):
+        raise TypeError(f"wraps={wraps!r}: {name!r} must take that option, with a default method")
     spec = MethodSpec(
         name=name,
         function=function,
@@ -191,10 +193,8 @@ def register(
         needs_hooks=sees_inside(wanted, takes_layer) if needs_hooks is None else needs_hooks,
         options=options,
         wraps=wraps,
-        wraps_default=params[wraps].default if wraps is not None and wraps in params else None,
+        wraps_default=None if wraps is None else params[wraps].default,
     )
-    if wraps is not None and (wraps not in params or params[wraps].default is params[wraps].empty):
-        raise TypeError(f"wraps={wraps!r}: {name!r} must take that option, with a default method")
     _SPECS[name] = spec
     return spec
 

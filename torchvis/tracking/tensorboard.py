@@ -164,7 +164,8 @@ def log_checked(
     inputs = moved(inputs, device)
     x = inputs.tensors
     batch = inputs.batch
-    y = None if labels is None else torch.as_tensor(labels).to(device)
+    # The labels are only read (range check, text, accuracy): on the host, once.
+    true: list[int] | None = None if labels is None else torch.as_tensor(labels).tolist()
     target = as_target(target)
     if isinstance(target, Tensor):
         target = target.to(device)
@@ -172,7 +173,7 @@ def log_checked(
         output = inputs.call(model)
     logits = output.float() if _is_logits(output, batch) else None
     if logits is None:
-        if y is not None:
+        if true is not None:
             raise ValueError(f"labels are true classes, but the model's output is {_shape(output)}, not "
                              f"[B={batch}, classes]; leave labels out")
         resolved = resolve_target(target, output, batch)
@@ -181,7 +182,6 @@ def log_checked(
         if class_names is not None and len(class_names) != logits.shape[1]:
             raise ValueError(
                 f"class_names has {len(class_names)} names; the model has {logits.shape[1]} classes")
-        true = None if y is None else y.tolist()  # one read of the labels, also for the text
         if true is not None and max(true) >= logits.shape[1]:
             raise ValueError(f"labels go up to {max(true)}; the model has {logits.shape[1]} classes")
         predicted = logits.argmax(dim=1)
@@ -220,14 +220,15 @@ def log_checked(
             shown_target = [explained_text(target, 0)] * batch
         elif target is not None:
             shown_target = explained.tolist()
-        text = classes_text(classes, predicted.tolist(), probability.tolist(),
-                            true, shown_target)
+        guesses = predicted.tolist()
+        text = classes_text(classes, guesses, probability.tolist(), true, shown_target)
     else:
         text = scores_text(target, score_of(output, resolved, batch).float().tolist())
     writer.add_text(f"{prefix}/classes", text, step)
     add_scalar = getattr(writer, "add_scalar", None)
-    if logits is not None and y is not None and callable(add_scalar):
-        add_scalar(f"{prefix}/probe_accuracy", (predicted == y).float().mean().item(), step)
+    if logits is not None and true is not None and callable(add_scalar):
+        right = sum(guess == label for guess, label in zip(guesses, true, strict=True))
+        add_scalar(f"{prefix}/probe_accuracy", right / batch, step)
     if metrics:
         extra = {"forward_args": inputs.forward_args or None,
                  "forward_kwargs": dict(inputs.forward_kwargs) or None}
@@ -425,8 +426,9 @@ def check_target(target: Target, batch: int) -> None:
 def _check_options(specs: Sequence[MethodSpec], options: Mapping[str, Any], *, has_layer: bool) -> None:
     """Every option is taken by some method, every method gets the options it requires, and a method
     whose ``layer`` has no default gets one."""
+    taken = [spec.options_with(options) for spec in specs]
     for key in options:
-        if not any(key in spec.options_with(options) for spec in specs):
+        if not any(key in names for names in taken):
             raise TypeError(f"option {key!r} is taken by none of the methods {[s.name for s in specs]}")
     for spec in specs:
         missing = [name for name in spec.required_options if name not in options]
