@@ -122,6 +122,13 @@ class Row:
     call_us: float | None = None  # the Monitor rows: one non-logging Monitor.step call alone
     note: str = ""
 
+    def take(self, timing: Timing) -> None:
+        """Fill the timed fields from ``timing``: medians, the median ratio and its spread, the
+        throughput and the number of pairs."""
+        self.ms, self.floor_ms, self.ratio = timing.median * 1e3, timing.floor_median * 1e3, timing.ratio
+        self.min_ratio, self.max_ratio = min(timing.ratios), max(timing.ratios)
+        self.images_per_s, self.repeats = self.batch / timing.median, len(timing.seconds)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -237,10 +244,7 @@ def measure(row: Row, run: Run, floor: Run, settings: Settings) -> Row:
         budget=settings.budget,
         cpu_clock=settings.cpu_clock,
     )
-    row.ms, row.floor_ms, row.ratio = timing.median * 1e3, timing.floor_median * 1e3, timing.ratio
-    row.min_ratio, row.max_ratio = min(timing.ratios), max(timing.ratios)
-    row.images_per_s = row.batch / timing.median
-    row.repeats = len(timing.seconds)
+    row.take(timing)
     if settings.memory:
         row.peak_mb = peak_bytes(run, settings.device) / 2**20
         row.floor_peak_mb = peak_bytes(floor, settings.device) / 2**20
@@ -416,9 +420,7 @@ def training_rows(settings: Settings) -> list[Row]:
     for result in results:
         row = Row("digits training", 28, result.batch, settings.device.type, result.name, "train step")
         timing = result.timing
-        row.ms, row.floor_ms, row.ratio = timing.median * 1e3, timing.floor_median * 1e3, timing.ratio
-        row.min_ratio, row.max_ratio = min(timing.ratios), max(timing.ratios)
-        row.images_per_s, row.repeats = result.batch / timing.median, len(timing.seconds)
+        row.take(timing)
         if result.call_us is not None:
             row.call_us = result.call_us
             what = "the weight snapshot" if "background" in result.name else "Monitor.step alone"

@@ -5,10 +5,10 @@
 
 The model is a 3×3 convolution (1→4 channels), a ReLU and a linear layer on one 8×8 input: its forward
 and backward take 100–250 µs, so what a method adds — the guard, the target, the finiteness check, the
-hooks, the CAM's arithmetic — shows as the difference. Each round times ``--calls`` calls of every
-method and of its floor (:mod:`benchmarks.floors`: the input floor for saliency and guided backprop,
-the layer floor — forward and backward to the ReLU's output, no CAM arithmetic — for Grad-CAM, the
-input floor for ``explain`` of saliency and Grad-CAM) in turn; a row reports the median over rounds
+hooks, the CAM's arithmetic — shows as the difference. Each round times ``--calls`` calls of a method
+and of its floor, interleaved. The floors are those of :mod:`benchmarks.floors`: the input floor for
+saliency, guided backprop and ``explain`` of saliency and Grad-CAM; the layer floor (forward and
+backward to the ReLU's output, no CAM arithmetic) for Grad-CAM. A row reports the median over rounds
 of ours − floor per call, with the smallest and largest. Issue 13's target is 50 µs.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -24,11 +23,12 @@ from torch import nn
 
 import torchvis
 from benchmarks.floors import input_floor, layer_floor
+from benchmarks.timing import paired
 
 Run = Callable[[], object]
 
 
-def tiny_model() -> tuple[nn.Module, torch.Tensor]:
+def tiny_model() -> tuple[nn.Sequential, torch.Tensor]:
     """The model and its input ``[1,1,8,8]``, seeded."""
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -37,7 +37,7 @@ def tiny_model() -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
-def cases(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[Run, Run]]:
+def cases(model: nn.Sequential, x: torch.Tensor) -> dict[str, tuple[Run, Run]]:
     """Per method: (our call, its floor)."""
     to_input, to_layer = input_floor(model, x), layer_floor(model, x, model[1])
     return {
@@ -50,25 +50,26 @@ def cases(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[Run, Run]]:
     }
 
 
-def per_call_us(run: Run, calls: int) -> float:
-    began = time.perf_counter()
-    for _ in range(calls):
-        run()
-    return (time.perf_counter() - began) / calls * 1e6
+def repeated(run: Run, calls: int) -> Run:
+    """``run`` called ``calls`` times."""
+
+    def many() -> None:
+        for _ in range(calls):
+            run()
+
+    return many
 
 
 def measure(rounds: int, calls: int) -> dict[str, list[float]]:
-    """Per method, ours − floor in µs per call, one value per round (after one warm-up round)."""
+    """Per method, ours − floor in µs per call, one value per round: ``calls`` calls of each side,
+    interleaved by :func:`benchmarks.timing.paired` (alternating order, one warm-up, no garbage
+    collection inside the loop)."""
     model, x = tiny_model()
-    pairs = cases(model, x)
-    extra: dict[str, list[float]] = {name: [] for name in pairs}
-    for index in range(rounds + 1):
-        for name, (ours, floor) in pairs.items():
-            first, second = (ours, floor) if index % 2 else (floor, ours)
-            a, b = per_call_us(first, calls), per_call_us(second, calls)
-            ours_us, floor_us = (a, b) if index % 2 else (b, a)
-            if index:  # round 0 warms up
-                extra[name].append(ours_us - floor_us)
+    extra: dict[str, list[float]] = {}
+    for name, (ours, floor) in cases(model, x).items():
+        timing = paired(repeated(ours, calls), repeated(floor, calls), torch.device("cpu"), repeats=rounds,
+                        min_repeats=rounds)
+        extra[name] = [(a - b) / calls * 1e6 for a, b in zip(timing.seconds, timing.floor, strict=True)]
     return extra
 
 
