@@ -136,3 +136,26 @@ def test_bad_metric_names_are_clear_errors(small_cnn: Callable[[int], nn.Module]
         torchvis.deletion_insertion(model, x, x, metrics=("deletion", "deletion"))
     with pytest.raises(ValueError, match="metrics is empty"):
         torchvis.deletion_insertion(model, x, x, metrics=())
+
+
+def test_non_finite_deletion_scores_stop_before_insertion_runs() -> None:
+    """A model whose scores turn NaN on the changed images: the error comes once deletion's forwards
+    are done, before insertion's run (the target pass, then deletion's chunks, and nothing more)."""
+
+    class NanAfterFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(16, 3)
+            self.calls = 0
+
+        def forward(self, x: Tensor) -> Tensor:
+            self.calls += 1
+            out = self.linear(x.flatten(1))
+            return out if self.calls == 1 else out * float("nan")
+
+    torch.manual_seed(0)
+    model, x = NanAfterFirst().eval(), torch.rand(2, 1, 4, 4)
+    # 16 pixels, 4 a step: 5 points x 2 examples = 10 rows per path, chunks of 4: 3 chunks.
+    with pytest.raises(ValueError, match="contain NaN or Inf"):
+        torchvis.deletion_insertion(model, x, torch.rand(2, 1, 4, 4), pixels_per_step=4, batch_size=4)
+    assert model.calls == 1 + 3

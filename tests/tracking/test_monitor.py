@@ -143,7 +143,8 @@ def test_nothing_runs_between_logging_steps(tmp_path: Path) -> None:
         assert not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks)
         assert module.training
     kept = [name for name, value in vars(monitor).items() if isinstance(value, (Tensor, Inputs))]
-    assert sorted(kept) == ["_inputs", "_probe", "labels"]
+    assert sorted(kept) == ["_inputs", "_probe"]
+    assert monitor.labels == probe_y.tolist()  # kept on the host: only read, never sent to the model
     # One copy of the probe in memory while the dtype matches: what the model gets shares its storage.
     assert monitor._inputs.first.data_ptr() == monitor._probe.first.data_ptr()
     assert monitor.images.data_ptr() == monitor._probe.first.data_ptr() and len(monitor._probe.tensors) == 1

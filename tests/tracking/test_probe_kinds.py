@@ -173,8 +173,11 @@ def test_monitor_logs_a_model_with_one_score_per_example_without_labels(tmp_path
                                rtol=1e-3)
     assert not (tmp_path / "torchvis-probe_accuracy").exists()
     AttributionCallback(x, None, methods=("saliency",))
-    with PNGWriter(tmp_path / "b") as sink, pytest.raises(ValueError, match="leave labels out"):
-        Monitor(model, sink, x, torch.zeros(B, dtype=torch.long), methods=("saliency",), every=1).step(0)
+    # Labels for a model without classes are refused at the first step, where the output is seen.
+    labels = torch.zeros(B, dtype=torch.long)
+    with PNGWriter(tmp_path / "b") as sink, Monitor(model, sink, x, labels, methods=("saliency",)) as given, \
+            pytest.raises(ValueError, match="leave labels out"):
+        given.log(0)
 
 
 def test_the_callback_keeps_its_own_copy_of_the_forward_arguments() -> None:

@@ -133,8 +133,6 @@ def _prepare(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             "names": names, "options": options}
 
 
-
-
 def _log_figures(out: Path, logdir: str) -> None:
     import numpy as np
     from PIL import Image

@@ -48,13 +48,13 @@ from torchvis.inspection.features import log_feature_maps
 from torchvis.inspection.model_summary import log_summary, summary
 from torchvis.methods import METHODS, explain
 from torchvis.methods.cam import EmptyMapWarning
+from torchvis.metrics.faithfulness import METRICS
 from torchvis.rendering import image
 from torchvis.rendering.figure import explanation_figure, figure_rgb
 from torchvis.rendering.kinds import display
 from torchvis.tracking.monitor import Monitor
 
 DEFAULT_METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion")
-METRICS = ("deletion", "insertion")  # one scalar per method each, one chart per metric (Custom Scalars)
 OCCLUSION_WINDOW = 6  # pixels of a 28x28 digit: about a stroke's width
 # Grad-CAM wants a rectified map: at conv2 (before its ReLU) 18-59% of the held-out digits get an
 # all-zero map after the default training (seeds 0 and 1), at relu2 0-1.2%; pool scores about the same
@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         monitor = stack.enter_context(Monitor(
             model, writer, probe_x, probe_y, methods=methods, layer=args.layer,
             every=args.every, mean=MNIST_MEAN, std=MNIST_STD, class_names=CLASS_NAMES,
+            # Deletion and insertion: one scalar per method each, one chart per metric (Custom Scalars).
             metrics=() if args.no_metrics else METRICS, **options,
         ))
         planted = None

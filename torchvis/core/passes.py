@@ -48,7 +48,6 @@ class GradientPass:
     layer_names: tuple[str, ...]
 
 
-
 def gradient_pass(
     model: Model,
     x: InputLike | Inputs,
@@ -173,7 +172,6 @@ class Shared:
     def x(self) -> Tensor:
         """The first input."""
         return self.inputs.first
-
 
     @property
     def guided_grad(self) -> Tensor | None:

@@ -219,13 +219,13 @@ def insertion(
 
 @overload
 def deletion_insertion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
-                       metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                       metrics: Sequence[str] = METRICS, pixels_per_step: int | None = None,
                        baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
                        return_curves: Literal[False] = False, forward_args: Any = None,
                        forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Tensor]: ...
 @overload
 def deletion_insertion(model: Model, x: InputLike, attributions: Attributions, target: Target = None, *,
-                       metrics: Sequence[str] = ("deletion", "insertion"), pixels_per_step: int | None = None,
+                       metrics: Sequence[str] = METRICS, pixels_per_step: int | None = None,
                        baseline: Fill = 0.0, start: str | Fill = "blur", batch_size: int | None = None,
                        return_curves: Literal[True], forward_args: Any = None,
                        forward_kwargs: Mapping[str, Any] | None = None) -> dict[str, Curves]: ...
@@ -235,7 +235,7 @@ def deletion_insertion(
     attributions: Attributions,
     target: Target = None,
     *,
-    metrics: Sequence[str] = ("deletion", "insertion"),
+    metrics: Sequence[str] = METRICS,
     pixels_per_step: int | None = None,
     baseline: Fill = 0.0,
     start: str | Fill = "blur",
@@ -351,13 +351,14 @@ def _curves(
                            for r, c, s, e, f in zip(rank, counts, first, last, formats, strict=True)]
                 out = inputs.call(model, tensors, rows=b)
                 chunks.append(_score(out, take_target(t, b), hi - lo, probability))
-            results.append(chunks)
+            stream = torch.cat(chunks)
+            if not torch.isfinite(stream).all():  # before the next path's forwards
+                kind = "softmax scores" if probability else "scores"
+                raise ValueError(f"the model's {kind} contain NaN or Inf; no AUC can be computed")
+            results.append(stream)
     output = []
-    for chunks in results:
-        scores = torch.cat(chunks).view(n + 1, batch).t().clone()  # outside inference mode: ordinary
-        if not torch.isfinite(scores).all():
-            kind = "softmax scores" if probability else "scores"
-            raise ValueError(f"the model's {kind} contain NaN or Inf; no AUC can be computed")
+    for stream in results:
+        scores = stream.view(n + 1, batch).t().clone()  # outside inference mode: ordinary
         auc = (scores.sum(dim=1) - (scores[:, 0] + scores[:, -1]) / 2) / n
         output.append(Curves(auc, scores, replaced.to(scores.dtype) / pixels) if curves else auc)
     return output  # type: ignore[return-value]

@@ -31,7 +31,8 @@ from torchvis.methods.spec import SPECS, Look
 from torchvis.rendering import image as im
 from torchvis.rendering import kinds
 
-__all__ = ["explanation_figure", "figure_rgb", "panel_boxes", "render_map", "target_name", "title_of"]
+__all__ = ["explained_text", "explanation_figure", "figure_rgb", "panel_boxes", "render_map", "target_name",
+           "title_of"]
 
 SIGNED_LEGEND = "blue lowers, red raises\nthe class score"
 HEAT_LEGEND = "importance for the class"
@@ -102,7 +103,6 @@ def _legend(method: str, attr: Tensor | tuple[Tensor, ...] | str) -> str | None:
     if look is Look.RGB and first.dim() == 4 and first.shape[1] == 3:
         return None
     return "signed"
-
 
 
 def _check(inputs: tuple[Tensor, ...], maps: Mapping[str, Tensor | tuple[Tensor, ...] | str],

@@ -140,7 +140,9 @@ class Monitor:
         self._probe = moved(inputs, device, copy=True)
         self._key: tuple[torch.device, torch.dtype] | None = None
         self._inputs = self._follow_dtype(model_dtype(model))
-        self.labels = None if labels is None else torch.as_tensor(as_target(labels)).to(device, copy=True)
+        # Only read (a range check, the text, the accuracy): kept on the host, read from the device once.
+        self.labels: list[int] | None = (None if labels is None
+                                         else torch.as_tensor(as_target(labels)).tolist())
         target = as_target(target)
         self.target = target.to(device, copy=True) if isinstance(target, Tensor) else target
         self.logged_steps: list[int] = []
@@ -190,7 +192,6 @@ class Monitor:
         device, dtype = model_device(model), model_dtype(model)
         if device is not None and device != self._inputs.device:
             self._probe = moved(self._probe, device)
-            self.labels = None if self.labels is None else self.labels.to(device)
             if isinstance(self.target, Tensor):
                 self.target = self.target.to(device)
         self._inputs = self._follow_dtype(dtype)
@@ -209,8 +210,7 @@ class Monitor:
         the first error of one that failed; returns at once in the foreground. The writer is not
         flushed (:meth:`close` does that)."""
         if self._background is not None:
-            self._background.jobs.join()
-            self._background.raise_error()
+            self._background.wait()
 
     def close(self) -> None:
         """Wait for queued steps (background mode), flush the writer and stop; later calls to
@@ -283,8 +283,7 @@ class _Background:
         queue the step."""
         sources = [*self.model.parameters(), *self.model.buffers()]
         if not self._fits(sources):  # model.double(), .to(device), a new layer: start a new shadow
-            self.jobs.join()
-            self.raise_error()
+            self.wait()
             self._shadow(self.model)
             sources = self.sources
         slot = self.free.get()
@@ -319,6 +318,11 @@ class _Background:
         for module, training in zip(self.shadow.modules(), modes, strict=True):
             module.training = training
         log_checked(self.writer, self.shadow, inputs, target, step=step, **kwargs)
+
+    def wait(self) -> None:
+        """Wait for every queued step, then raise the first error not raised yet."""
+        self.jobs.join()
+        self.raise_error()
 
     def raise_error(self) -> None:
         """Raise the first error of the worker not raised yet."""

@@ -74,7 +74,6 @@ class Sink(Protocol):
     def add_text(self, tag: str, text_string: str, global_step: int | None = None) -> None: ...
 
 
-
 Stats = float | Sequence[float]
 Labels = Tensor | Sequence[int]
 Methods = Sequence[str | Callable[..., Tensor]]
@@ -130,7 +129,12 @@ def log_attributions(
                            std=std, class_names=class_names, options=options, feature_names=feature_names,
                            metrics=metrics, forward_args=forward_args, forward_kwargs=forward_kwargs)
     check_sink(writer)
-    return log_checked(writer, model, inputs, target, step=step, methods=methods, labels=labels, layer=layer,
+    device = model_device(model) or inputs.device
+    target = as_target(target)
+    true = None if labels is None else torch.as_tensor(labels).tolist()
+    return log_checked(writer, model, moved(inputs, device),
+                       target.to(device) if isinstance(target, Tensor) else target, step=step,
+                       methods=methods, labels=true, layer=layer,
                        mean=mean, std=std, class_names=class_names, feature_names=feature_names,
                        prefix=prefix, log_inputs=log_inputs, looks=looks, metrics=metrics,
                        metric_options=metric_options, **options)
@@ -144,7 +148,7 @@ def log_checked(
     *,
     step: int,
     methods: Methods,
-    labels: Labels | None,
+    labels: list[int] | None,
     layer: LayerRef | None | Sequence[LayerRef | None],
     mean: Stats | None,
     std: Stats | None,
@@ -159,16 +163,12 @@ def log_checked(
 ) -> dict[str, Tensor]:
     """:func:`log_attributions` of ``inputs`` (the forward arguments inside them) whose arguments
     :func:`check_logging`, :func:`check_metrics` and :func:`check_sink` have passed — the Monitor checks
-    them once, at construction, not at every logging step (on a GPU the label checks are host syncs)."""
-    device = model_device(model) or inputs.device
-    inputs = moved(inputs, device)
+    them once, at construction, not at every logging step. ``inputs`` and a tensor ``target`` are on
+    the model's device already (:func:`as_target` applied); ``labels`` are the true classes read to the
+    host (they are only read: the range check, the text, the accuracy)."""
     x = inputs.tensors
     batch = inputs.batch
-    # The labels are only read (range check, text, accuracy): on the host, once.
-    true: list[int] | None = None if labels is None else torch.as_tensor(labels).tolist()
-    target = as_target(target)
-    if isinstance(target, Tensor):
-        target = target.to(device)
+    true = labels
     with guarded(model, inputs.first, grad=False), torch.no_grad():
         output = inputs.call(model)
     logits = output.float() if _is_logits(output, batch) else None
