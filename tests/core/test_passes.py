@@ -108,6 +108,34 @@ def test_pass_without_in_place_ops_records_the_tensor_the_model_used(randn: Call
     assert model.forwards == 1
 
 
+def test_a_model_that_changes_its_forward_arguments_runs_once() -> None:
+    """A forward argument the model changes in place (a call counter) would be seen changed by a rerun:
+    with extra arguments the layers are recorded with copies, one forward, the single-forward map."""
+
+    class Counts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build("functional")
+
+        def forward(self, x: Tensor, calls: Tensor) -> Tensor:
+            calls += 1
+            return self.net(x) * calls
+
+    model = Counts()
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    calls = torch.zeros((), dtype=torch.float64)
+    got = torchvis.grad_cam(model, x, 0, layer="net.conv1", forward_args=(calls,), upsample=None)
+    assert model.net.forwards == 1 and calls.item() == 1
+    _, _, a, _ = reference(x, "conv1", eval_mode=True)
+    plain = build("plain")
+    kept: list[Tensor] = []
+    handle = plain.conv1.register_forward_hook(lambda m, i, out: kept.append(out))
+    (g,) = torch.autograd.grad(plain(x)[:, 0].sum(), [kept.pop()])  # calls == 1: the score is the logit
+    handle.remove()
+    expected = (g.mean(dim=(2, 3), keepdim=True) * a).sum(dim=1, keepdim=True).clamp_min(0)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+
+
 def test_has_in_place_modules() -> None:
     assert has_in_place_modules(build("modules"))
     assert not has_in_place_modules(build("plain"))

@@ -312,6 +312,11 @@ def test_smoothgrad_of_a_layer_method_in_explain_gets_the_requested_layers(
     signed = explain(model, x, methods=["smoothgrad"], layer="conv1", relu=False, upsample=None, **options)
     assert torch.equal(signed["smoothgrad"], smoothgrad(model, x, layer="conv1", relu=False, upsample=None,
                                                         **options))  # the CAM's own options reach it
+    # Two methods of their own passes that take a layer, layer=None: each picks it itself.
+    with pytest.warns(UserWarning, match="layer=None"):
+        auto = explain(model, x, methods=["smoothgrad", "vargrad"], **options)
+        alone = smoothgrad(model, x, **options)
+    assert set(auto) == {"smoothgrad", "vargrad"} and torch.equal(auto["smoothgrad"], alone)
     plain = explain(model, x, methods=["smoothgrad", "grad_cam"], layer=["conv1", "conv2"], samples=3, seed=2)
     assert set(plain) == {"smoothgrad", "grad_cam/conv1", "grad_cam/conv2"}
     assert torch.equal(plain["smoothgrad"], smoothgrad(model, x, samples=3, seed=2))

@@ -178,7 +178,10 @@ def test_call_leaves_everything_as_it_was(name: str, outcome: str, mode: str, x_
 def test_call_that_runs_the_forward_again_leaves_everything_as_it_was(name: str, outcome: str) -> None:
     # The layer methods at "bn1" run the forward twice here; "raise-in-2nd-forward" raises in the rerun.
     assert not hooks.has_in_place_modules(FunctionalHygieneNet())  # else the pass would copy up front
-    check_call(name, outcome, used_model("train", FunctionalHygieneNet), user_input("leaf-with-grad"))
+    model = used_model("train", FunctionalHygieneNet)
+    check_call(name, outcome, model, user_input("leaf-with-grad"))
+    if outcome == "normal" and name in SPECS and SPECS[name].needs == {Need.LAYER_GRADIENT}:
+        assert model.fuse.calls == 2, "the CAM's one pass must have run its forward again"
 
 
 def check_call(name: str, outcome: str, model: HygieneNet, x: Tensor) -> None:
@@ -192,7 +195,8 @@ def check_call(name: str, outcome: str, model: HygieneNet, x: Tensor) -> None:
             run(name, model, x)
         result = None
     elif outcome == "raise-in-2nd-forward":
-        # Raises only for calls that run the model twice (guided Grad-CAM, occlusion, explain).
+        # Raises only for calls that run the model twice: a second pass (guided Grad-CAM, occlusion,
+        # explain, ...) or a rerun of the first (the layer methods on FunctionalHygieneNet).
         model.fuse.fail_at = 2
         try:
             result = run(name, model, x)

@@ -70,7 +70,8 @@ def gradient_pass(
     backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable. A
     wrapped module (``torch.compile``, ``DataParallel``) runs as its original module
     (:func:`hooks.unwrap`). The layers' outputs are kept without a copy unless the model has modules
-    that work in place (:func:`hooks.has_in_place_modules`); if a functional in-place op (``y += x``,
+    that work in place (:func:`hooks.has_in_place_modules`) or the call has forward arguments (which it may
+    change in place, so that a rerun would see them changed); if a functional in-place op (``y += x``,
     ``F.relu(y, inplace=True)``) overwrites one, the forward runs once more, with copies and from the
     same RNG state — the same maps, at the cost of a second forward.
     """
@@ -110,7 +111,10 @@ def gradient_pass(
         # A model without in-place modules gets its layers' outputs recorded uncopied (a copy is a pass
         # over each); should a functional in-place op (x += y) overwrite one, the forward runs again with
         # copies, from the RNG state the guard saved (None: nothing inside draws from it).
-        uncopied = bool(named) and not hooks.has_in_place_modules(model)  # type: ignore[arg-type]
+        # Not with extra forward arguments either: a model may change those in place, and a rerun would
+        # see them changed.
+        uncopied = (bool(named) and not inputs.forward_args and not inputs.forward_kwargs
+                    and not hooks.has_in_place_modules(model))  # type: ignore[arg-type]
         logits, rec, report, maps = forward(copy=not uncopied)
         if uncopied and rec is not None and rec.modified():
             if rewind is not None:

@@ -116,6 +116,8 @@ def explain_batch(
                     kwargs["reshape"] = default_reshape(model, ref, kwargs.get("reshape"))
                 results[key] = spec.from_pass(shared, **kwargs)
 
+    picked = names is not None  # the shared pass resolved the layers (layer=None included)
+    names = names if picked else own_names
     for spec in specs:
         if spec.shared:
             continue
@@ -125,9 +127,7 @@ def explain_batch(
         if not layered[spec.name]:
             results[spec.name] = spec.function(model, x, target, **kwargs)
             continue
-        picked = names is not None  # the shared pass resolved the layers (layer=None included)
-        names = names or own_names
-        assert names is not None
+        assert names is not None  # own_names whenever a method of its own passes takes a layer
         for ref, name in zip(layers, names, strict=True):
             layer_kwargs = kwargs
             if picked and ref is None:  # the layer the pass picked, so that the key says what was used
