@@ -139,30 +139,23 @@ def interpolation(upsample: Upsample, rank: int) -> str | None:
     raise ValueError(f"upsample must be True, 'bilinear', 'nearest', None or False; got {upsample!r}")
 
 
-def check_upsample(upsample: Upsample, x: Tensor) -> None:
+def check_upsample(upsample: Upsample, x: Tensor, *, guided: bool = False) -> None:
     """Refuse, before any pass runs, an ``upsample`` that :func:`upsample_to` would refuse for ``x``
-    (the first input ``[B,C,*spatial]``)."""
-    interpolation(upsample, x.dim() - 2)
-
-
-def check_guided_upsample(upsample: Upsample, x: Tensor) -> None:
-    """Guided Grad-CAM needs the CAM at ``x``'s size: :func:`check_upsample`, and no ``None``."""
-    if interpolation(upsample, x.dim() - 2) is None:
+    (the first input ``[B,C,*spatial]``); with ``guided`` also ``None``, since guided Grad-CAM
+    multiplies by the CAM at ``x``'s size."""
+    if interpolation(upsample, x.dim() - 2) is None and guided:
         raise ValueError("guided Grad-CAM multiplies by the CAM at the input's size; upsample cannot be None")
 
 
 def check_cam_upsample(specs: Iterable[MethodSpec], options: Mapping[str, Any], x: Tensor) -> None:
     """Refuse, before any pass runs, an ``upsample`` in ``options`` that a CAM among ``specs`` (or
-    wrapped by one, as SmoothGrad of Grad-CAM) would refuse for ``x``: guided Grad-CAM's ``None``
-    (:func:`check_guided_upsample`), any CAM's unknown mode (:func:`check_upsample`)."""
+    wrapped by one, as SmoothGrad of Grad-CAM) would refuse for ``x`` (:func:`check_upsample`)."""
     if "upsample" not in options:
         return
     cams = [s for spec in specs for s in (spec, spec.wrapped(options))
             if s is not None and Need.LAYER_GRADIENT in s.needs]
-    if any(Need.GUIDED in s.needs for s in cams):
-        check_guided_upsample(options["upsample"], x)
-    elif cams:
-        check_upsample(options["upsample"], x)
+    if cams:
+        check_upsample(options["upsample"], x, guided=any(Need.GUIDED in s.needs for s in cams))
 
 
 def upsample_to(heat: Tensor, x: Tensor, upsample: Upsample = True) -> Tensor:
@@ -213,8 +206,8 @@ def grad_cam_from(
 def guided_cam(
     guided_grad: Tensor, activation: Tensor, grad: Tensor, x: Tensor, upsample: Upsample = True
 ) -> Tensor:
-    """Guided Grad-CAM: the guided-backprop gradient (shape of ``x``) times the CAM upsampled to ``x``."""
-    check_guided_upsample(upsample, x)
+    """Guided Grad-CAM: the guided-backprop gradient (shape of ``x``) times the CAM upsampled to ``x``
+    (``upsample`` checked by the caller, :func:`check_upsample` with ``guided``)."""
     return (guided_grad * upsample_to(cam(activation, grad), x, upsample)).to(x.dtype)
 
 
@@ -294,7 +287,7 @@ def guided_grad_cam(
     ``upsample`` ``True``/``"bilinear"`` or ``"nearest"`` (Captum's default for ``GuidedGradCam``).
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    check_guided_upsample(upsample, inputs.first)  # before the passes, not after them
+    check_upsample(upsample, inputs.first, guided=True)  # before the passes, not after them
     (shared,) = shared_passes(model, inputs, target, layers=[layer], guided=True, eval_mode=eval_mode,
                               layer_input=layer_input)
     return guided_grad_cam_from(shared, upsample=upsample, reshape=default_reshape(model, layer, reshape))
