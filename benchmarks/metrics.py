@@ -174,19 +174,15 @@ def background_monitor(repeats: int, span: int = 20, train_batch: int = 64) -> l
         def drained() -> None:  # outside the timed part of (a): each logging step finds the queue empty
             behind.wait()
 
-        def logged_behind() -> float:
-            drained()
-            begin = time.thread_time()
-            behind.log(next(step))
-            return time.thread_time() - begin
+        def logged(monitor: Monitor) -> Callable[[], float]:
+            def run() -> float:  # the training thread's CPU seconds of one logging step
+                drained()
+                begin = time.thread_time()
+                monitor.log(next(step))
+                return time.thread_time() - begin
+            return run
 
-        def logged_without() -> float:
-            drained()
-            begin = time.thread_time()
-            without.log(next(step))
-            return time.thread_time() - begin
-
-        step_timing = _pairs(logged_behind, logged_without, repeats)
+        step_timing = _pairs(logged(behind), logged(without), repeats)
 
         def spanned(monitor: Monitor) -> Callable[[], tuple[float, float, float]]:
             def run() -> tuple[float, float, float]:
