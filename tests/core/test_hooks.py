@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchvis.core.hooks import capture, feature_maps, forward_hooks, guided_relus, resolve_layer
+from torchvis.core.hooks import capture, feature_maps, forward_hooks, guided_relus, resolve_layer, submodules
 
 
 class Boom(Exception):
@@ -196,3 +196,13 @@ def test_recording_without_grads_adds_no_tensor_hook(randn: Callable[..., Tensor
         (g,) = torch.autograd.grad(out.sum(), rec.outputs["0"])
         assert rec.outputs["0"]._backward_hooks is None
     assert rec.grads == {} and g.shape == rec.outputs["0"].shape and attached(model) == []
+
+
+def test_submodules_walks_like_modules_with_shared_modules_once_and_empty_slots_skipped() -> None:
+    shared = nn.ReLU()
+    inner = nn.Sequential(nn.Conv2d(1, 2, 3), shared)
+    model = nn.Sequential(inner, nn.Sequential(shared, nn.Linear(2, 2)), nn.Identity())
+    model.register_module("slot", None)  # a registered empty slot: no module
+    model.add_module("again", inner)  # one module under two names
+    assert [id(m) for m in submodules(model)] == [id(m) for m in model.modules()]
+    assert len(submodules(model)) == 7  # model, inner, conv, relu, second block, linear, identity

@@ -79,8 +79,9 @@ def test_one_host_sync_per_pass(
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     syncs = [w for w in seen if "synchroniz" in str(w.message)]
-    # The NaN check of each pass needs its result on the host; guided Grad-CAM makes two passes.
-    assert len(syncs) <= (2 if name == "guided_grad_cam" else 1), [str(w.message) for w in syncs]
+    # The checks (finite, empty map) need their results on the host: one read for all of them
+    # (tests/core/test_reads.py counts the reads on the CPU).
+    assert len(syncs) <= 1, [str(w.message) for w in syncs]
 
 
 def test_timing_and_memory_use_the_device() -> None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from torchvis.core import hooks
 from torchvis.core.lease import held
+from torchvis.core.reads import on_host
 
 __all__ = [
     "check_finite",
@@ -54,7 +55,7 @@ def restored_modes(model: nn.Module) -> Iterator[list[tuple[nn.Module, bool]]]:
     """Within the block the model's modes may change; afterwards every submodule's ``training`` flag
     is as before — per submodule, since a user may keep, say, a BatchNorm in eval mode on purpose.
     Yields the ``(module, training)`` pairs recorded on entry."""
-    modes = [(module, module.training) for module in model.modules()]
+    modes = [(module, module.training) for module in hooks.submodules(model)]
     try:
         yield modes
     finally:
@@ -63,10 +64,7 @@ def restored_modes(model: nn.Module) -> Iterator[list[tuple[nn.Module, bool]]]:
                 module.training = training
 
 
-@contextmanager
-def guarded(
-    model: object, x: Tensor, *, eval_mode: bool = True, grad: bool = True
-) -> Iterator[Callable[[], None] | None]:
+def guarded(model: object, x: Tensor, *, eval_mode: bool = True, grad: bool = True) -> _Guard:
     """Run the block with ``model`` in eval mode (unless ``eval_mode=False``) and gradients enabled
     (when ``grad``); afterwards every submodule's mode and the global RNG are as they were.
 
@@ -79,28 +77,86 @@ def guarded(
     A ``model`` that is a plain callable (not an ``nn.Module``) runs in whatever modes its modules are
     in — torchvis cannot see them — and the global RNG is forked around it.
 
-    Yields the function that puts the global RNG back where it was on entry (to rerun the model from the
-    same state), or ``None`` where the guard leaves the RNG alone: then nothing inside draws from it.
+    Entering gives the function that puts the global RNG back where it was on entry (to rerun the model
+    from the same state), or ``None`` where the guard leaves the RNG alone: then nothing inside draws
+    from it.
     """
-    if grad and torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "gradient attributions cannot run inside torch.inference_mode(); call them outside it "
-            "(torch.no_grad() is fine), or use occlusion, which needs no gradient"
-        )
-    cuda = [x.device] if x.device.type == "cuda" else []
-    if not isinstance(model, nn.Module):
-        with kept_rng(cuda) as rewind, torch.enable_grad() if grad else nullcontext():
-            yield rewind
-        return
-    with held(model, eval_mode=eval_mode) as training_inside:
-        # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
-        fork = training_inside or threading.active_count() == 1
-        with (
-            kept_rng(cuda) if fork else nullcontext() as rewind,
-            hooks.batch_statistics_only(model) if training_inside else nullcontext(),
-            torch.enable_grad() if grad else nullcontext(),
-        ):
-            yield rewind
+    return _Guard(model, x, eval_mode, grad)
+
+
+class _Guard:
+    """The context manager of :func:`guarded`: one object, not four nested generator-based ones, since
+    it runs on every call and each of those costs microseconds on a small model. On leaving it undoes
+    what entering did, innermost first, whatever raised: the grad mode, the batch-statistics mode, the
+    RNG, then the lease (which raises if another thread changed a module's flag meanwhile)."""
+
+    __slots__ = ("_model", "_cuda", "_eval_mode", "_grad", "_hold", "_rng", "_statistics", "_grad_mode")
+
+    def __init__(self, model: object, x: Tensor, eval_mode: bool, grad: bool) -> None:
+        self._model, self._eval_mode, self._grad = model, eval_mode, grad
+        self._cuda = [x.device] if x.device.type == "cuda" else []
+        self._hold: held | None = None
+        self._rng: _SavedRng | None = None
+        self._statistics: AbstractContextManager[None] | None = None
+        self._grad_mode: AbstractContextManager[None] | None = None
+
+    def __enter__(self) -> Callable[[], None] | None:
+        if self._grad and torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "gradient attributions cannot run inside torch.inference_mode(); call them outside it "
+                "(torch.no_grad() is fine), or use occlusion, which needs no gradient"
+            )
+        model = self._model
+        if isinstance(model, nn.Module):
+            self._hold = held(model, eval_mode=self._eval_mode)
+            training_inside = self._hold.__enter__()
+            # A model run in train mode may draw dropout masks; the user's RNG stream must not move.
+            fork = training_inside or threading.active_count() == 1
+        else:
+            training_inside, fork = False, True
+        try:
+            if fork:
+                self._rng = _SavedRng(self._cuda)
+            if training_inside:
+                self._statistics = hooks.batch_statistics_only(model)  # type: ignore[arg-type]
+                self._statistics.__enter__()
+            if self._grad:
+                self._grad_mode = torch.enable_grad()
+                self._grad_mode.__enter__()
+        except BaseException as err:
+            self.__exit__(type(err), err, err.__traceback__)
+            raise
+        return None if self._rng is None else self._rng.restore
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._grad_mode is not None:
+                self._grad_mode.__exit__(None, None, None)
+            if self._statistics is not None:
+                self._statistics.__exit__(None, None, None)
+        finally:
+            try:
+                if self._rng is not None:
+                    self._rng.restore()
+            finally:
+                if self._hold is not None:
+                    self._hold.__exit__()
+
+
+class _SavedRng:
+    """The global CPU generator's state, and that of each CUDA device in ``cuda``, as on construction;
+    :meth:`restore` puts them back (any number of times)."""
+
+    __slots__ = ("_cpu", "_cuda")
+
+    def __init__(self, cuda: list[torch.device]) -> None:
+        self._cpu = torch.get_rng_state()
+        self._cuda = [(device, torch.cuda.get_rng_state(device)) for device in cuda]
+
+    def restore(self) -> None:
+        torch.set_rng_state(self._cpu)
+        for device, state in self._cuda:
+            torch.cuda.set_rng_state(state, device)
 
 
 @contextmanager
@@ -109,18 +165,11 @@ def kept_rng(cuda: list[torch.device]) -> Iterator[Callable[[], None]]:
     on exit, whatever happens inside: ``torch.random.fork_rng(devices=cuda)`` without its per-call
     checks and warnings, which cost 20 µs of every small call. Yields the function that puts it back,
     for a block that reruns something from the same state."""
-    cpu = torch.get_rng_state()
-    states = [(device, torch.cuda.get_rng_state(device)) for device in cuda]
-
-    def rewind() -> None:
-        torch.set_rng_state(cpu)
-        for device, state in states:
-            torch.cuda.set_rng_state(state, device)
-
+    saved = _SavedRng(cuda)
     try:
-        yield rewind
+        yield saved.restore
     finally:
-        rewind()
+        saved.restore()
 
 
 def grad_leaf(x: Tensor) -> Tensor:
@@ -143,31 +192,35 @@ def checked_logits(out: object, batch: int) -> Tensor:
 
 def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of the target score") -> None:
     """Raise if the model output, or any of ``more`` (``what`` they are), holds NaN or inf — one
-    host sync; call it after queuing the backward. An inf logit (a float32 overflow, say) would give
-    NaN maps."""
-    tensors = [t.detach() for t in (logits, *more) if t.numel()]
+    host read (:func:`torchvis.core.reads.on_host`: at the end of the call inside
+    :func:`~torchvis.core.reads.one_host_read`); call it after queuing the backward. An inf logit (a
+    float32 overflow, say) would give NaN maps."""
+    tensors = [t.detach() if t.requires_grad else t for t in (logits, *more) if t.numel()]
+    if not tensors:
+        return
     # A sum is finite only if every value is (inf + x = inf, inf - inf = NaN, NaN + x = NaN): one
     # reduction per tensor, half the time of aminmax on a large gradient and a third of it on a small
     # one. A finite tensor whose sum overflows is told apart by the exact check below.
-    if tensors and tensors[0].device.type == "cpu":  # no sync to save: the cheapest reads
-        sums = [t.sum().item() for t in tensors]
-    else:
-        sums = torch.stack([t.sum() for t in tensors]).tolist() if tensors else []
-    if all(math.isfinite(total) for total in sums):
-        return
-    # The tensors whose sum is not finite, read exactly: the smallest and largest value (NaN if it holds
-    # one, +-inf if it holds one). A finite tensor whose sum overflowed passes.
-    suspects = [i for i, total in enumerate(sums) if not math.isfinite(total)]
-    extremes = torch.stack([torch.stack(torch.aminmax(tensors[i])).double() for i in suspects]).tolist()
-    bad = {i for i, (low, high) in zip(suspects, extremes, strict=True)
-           if not (math.isfinite(low) and math.isfinite(high))}
-    if not bad:
-        return
-    if logits.numel() and 0 in bad:
+    output_first = bool(logits.numel())
+
+    def check(sums: list[float]) -> None:
+        if all(math.isfinite(total) for total in sums):
+            return
+        # The tensors whose sum is not finite, read exactly: the smallest and largest value (NaN if it
+        # holds one, +-inf if it holds one). A finite tensor whose sum overflowed passes.
+        suspects = [i for i, total in enumerate(sums) if not math.isfinite(total)]
+        extremes = torch.stack([torch.stack(torch.aminmax(tensors[i])).double() for i in suspects]).tolist()
+        bad = {i for i, (low, high) in zip(suspects, extremes, strict=True)
+               if not (math.isfinite(low) and math.isfinite(high))}
+        if not bad:
+            return
+        if output_first and 0 in bad:
+            raise ValueError(
+                "the model output contains NaN or inf (an overflow in the logits?); no attribution can be "
+                "computed from it"
+            )
         raise ValueError(
-            "the model output contains NaN or inf (an overflow in the logits?); no attribution can be "
-            "computed from it"
+            f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
         )
-    raise ValueError(
-        f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
-    )
+
+    on_host(torch.stack([t.sum() for t in tensors]), check)

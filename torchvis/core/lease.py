@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -46,13 +43,20 @@ REFUSED = (
 
 @dataclass(eq=False)
 class _Lease:
-    cond: threading.Condition = field(default_factory=lambda: threading.Condition(threading.Lock()))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    cond: threading.Condition = field(init=False)  # on ``lock``: a call waiting for the other kind of window
+    waiting: int = 0  # calls in cond.wait(): leaving notifies only when there are some
     eval_mode: bool | None = None  # the kind of the open window; None: no window
     exclusive: bool = False
-    holders: Counter[int] = field(default_factory=Counter)  # thread id -> calls it has open
-    modes: list[tuple[nn.Module, bool, bool]] = field(default_factory=list)  # module, before, inside
+    holders: dict[int, int] = field(default_factory=dict)  # thread id -> calls it has open
+    modules: list[nn.Module] = field(default_factory=list)  # every submodule, as the window found them
+    before: list[bool] = field(default_factory=list)  # their training flags before the window
+    inside: list[bool] = field(default_factory=list)  # and inside it
     training_inside: bool = False  # some module runs in train mode inside the window
     watch: RemovableHandle | None = None
+
+    def __post_init__(self) -> None:
+        self.cond = threading.Condition(self.lock)
 
 
 # The one piece of global state besides the method registry: leases must be shared between threads.
@@ -72,22 +76,30 @@ def _lease_of(model: nn.Module) -> _Lease:
     return lease
 
 
-@contextmanager
-def held(model: nn.Module, *, eval_mode: bool) -> Iterator[bool]:
+class held:  # noqa: N801  (used as a function: ``with held(model, eval_mode=True) as training_inside``)
     """Hold ``model`` for one call: in eval mode if ``eval_mode``, else in the user's own modes.
 
-    Yields whether any submodule runs in train mode inside (then the call may draw from the RNG).
-    Raises :class:`ConcurrentUseError` on leaving if another thread changed a module's flag meanwhile.
+    Entering gives whether any submodule runs in train mode inside (then the call may draw from the
+    RNG). Raises :class:`ConcurrentUseError` on leaving if another thread changed a module's flag
+    meanwhile. A class rather than a generator: it runs on every call, and a generator-based context
+    manager costs a few microseconds more.
     """
-    lease, me = _lease_of(model), threading.get_ident()
-    with lease.cond:
-        _enter(lease, model, eval_mode, me)
-        training_inside = lease.training_inside
-    try:
-        yield training_inside
-    finally:
-        with lease.cond:
-            changed = _leave(lease, me)
+
+    __slots__ = ("_lease", "_me", "_model", "_eval_mode")
+
+    def __init__(self, model: nn.Module, *, eval_mode: bool) -> None:
+        self._model, self._eval_mode = model, eval_mode
+        self._lease, self._me = _lease_of(model), threading.get_ident()
+
+    def __enter__(self) -> bool:
+        lease = self._lease
+        with lease.lock:  # the lock itself: Condition.__enter__ is one more Python call
+            _enter(lease, self._model, self._eval_mode, self._me)
+            return lease.training_inside
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lease.lock:
+            changed = _leave(self._lease, self._me)
         if changed:
             raise ConcurrentUseError(
                 f"the training flag of {changed} changed in another thread while torchvis explained the "
@@ -98,7 +110,7 @@ def held(model: nn.Module, *, eval_mode: bool) -> Iterator[bool]:
 
 def _enter(lease: _Lease, model: nn.Module, eval_mode: bool, me: int) -> None:
     while True:
-        if lease.holders[me]:  # a nested call in a thread that already holds the model
+        if me in lease.holders:  # a nested call in a thread that already holds the model
             if lease.eval_mode != eval_mode:
                 raise RuntimeError("a torchvis call nested in another on the same model, in the same "
                                    "thread, must use the same eval_mode")
@@ -108,32 +120,38 @@ def _enter(lease: _Lease, model: nn.Module, eval_mode: bool, me: int) -> None:
             break
         if lease.eval_mode == eval_mode and not lease.exclusive:
             break
-        lease.cond.wait()
-    lease.holders[me] += 1
+        lease.waiting += 1
+        try:
+            lease.cond.wait()
+        finally:
+            lease.waiting -= 1
+    lease.holders[me] = lease.holders.get(me, 0) + 1
 
 
 def _open(lease: _Lease, model: nn.Module, eval_mode: bool) -> None:
-    before = [(module, module.training) for module in model.modules()]
-    training = any(flag for _, flag in before)
+    modules = hooks.submodules(model)
+    before = [module.training for module in modules]
+    training = True in before
     lease.eval_mode = eval_mode
     lease.exclusive = not eval_mode and training
     lease.training_inside = training
+    lease.modules, lease.before = modules, before
     # Skipped when every module is already in eval mode: setting a module attribute costs
     # microseconds, which add up per call on large models and small inputs.
     if not (eval_mode and training):
-        lease.modes = [(module, flag, flag) for module, flag in before]
+        lease.inside = before
         if lease.exclusive:
-            _watch(lease, before)
+            _watch(lease)
         return
     model.eval()
-    lease.modes = [(module, flag, module.training) for module, flag in before]
-    lease.training_inside = any(inside for _, _, inside in lease.modes)  # a custom train() may keep some
-    _watch(lease, before)
+    lease.inside = [module.training for module in modules]
+    lease.training_inside = True in lease.inside  # a custom train() may keep some in train mode
+    _watch(lease)
 
 
-def _watch(lease: _Lease, before: list[tuple[nn.Module, bool]]) -> None:
+def _watch(lease: _Lease) -> None:
     """Refuse forwards of the model's modules by threads that hold no call of the window."""
-    ids = frozenset(id(module) for module, _ in before)
+    ids = frozenset(id(module) for module in lease.modules)
     holders = lease.holders
     lease.watch = hooks.refuse_forwards(ids, lambda: threading.get_ident() in holders, REFUSED)
 
@@ -141,19 +159,27 @@ def _watch(lease: _Lease, before: list[tuple[nn.Module, bool]]) -> None:
 def _leave(lease: _Lease, me: int) -> str:
     """Release one call; the last one restores the flags. Returns the modules whose flag someone
     else changed (as a phrase), or ``""``."""
-    lease.holders[me] -= 1
-    if not lease.holders[me]:
+    if lease.holders[me] == 1:
         del lease.holders[me]
-    changed = [module for module, _, inside in lease.modes if module.training != inside]
+    else:
+        lease.holders[me] -= 1
+    now = [module.training for module in lease.modules]
+    switched = lease.inside is not lease.before  # the window changed some flags, to be restored
+    # Per module: before the window, inside it, now. Built only when something is to compare or restore.
+    flags = list(zip(lease.modules, lease.before, lease.inside, now, strict=True)) \
+        if switched or now != lease.inside else []
+    changed = [module for module, _, inside, flag in flags if flag != inside]
     if not lease.holders:
-        for module, before, inside in lease.modes:
-            if before != inside and module.training == inside:  # a flag someone else set stays
+        for module, before, inside, flag in flags:
+            if before != inside and flag == inside:  # a flag someone else set stays
                 module.training = before
         if lease.watch is not None:
             lease.watch.remove()
-        lease.eval_mode, lease.exclusive, lease.modes, lease.watch = None, False, [], None
+        lease.eval_mode, lease.exclusive, lease.watch = None, False, None
+        lease.modules, lease.before, lease.inside = [], [], []
         lease.training_inside = False
-        lease.cond.notify_all()
+        if lease.waiting:
+            lease.cond.notify_all()
     if not changed:
         return ""
     names = ", ".join(type(module).__name__ for module in changed[:3])

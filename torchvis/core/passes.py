@@ -89,6 +89,8 @@ def gradient_pass(
 
     def forward(copy: bool) -> tuple[Any, hooks.Recording | None, hooks.ActivationReport | None,
                                      list[hooks.ModuleOutput]]:
+        if not (guided or requested):  # nothing to watch: no context to enter (it costs per call)
+            return inputs.call(model, [leaf.clone() for leaf in leaves]), None, None, []
         guide: AbstractContextManager[hooks.ActivationReport | None] = (
             hooks.guided_relus() if guided else nullcontext()
         )
@@ -205,7 +207,7 @@ def shared_passes(
     :func:`gradient_pass`.
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    if guided:  # refused before the plain pass runs, not after it
+    if guided and (input_grad or layers):  # refused before the plain pass runs (the guided pass checks too)
         check_guidable(check_module(model, "guided backprop"))
     plain = guided_result = None
     if input_grad or layers:
@@ -311,7 +313,7 @@ def activation_pass(
 
 def check_guidable(module: nn.Module) -> None:
     """Guided backprop rewrites ReLUs as they run in Python: a TorchScript model is refused."""
-    if any(isinstance(m, torch.jit.ScriptModule) for m in hooks.unwrap(module).modules()):
+    if any(isinstance(m, torch.jit.ScriptModule) for m in hooks.submodules(hooks.unwrap(module))):
         raise TypeError(
             "guided backprop cannot see the ReLUs inside a TorchScript model (they run outside "
             "Python); pass the eager nn.Module"

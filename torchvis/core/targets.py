@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchvis.core.reads import on_host
+
 ScoreFunction = Callable[[Any], Tensor]
 Target = int | Sequence[int] | Tensor | ScoreFunction | None
 Resolved = Tensor | ScoreFunction
@@ -95,7 +97,7 @@ def resolve_target(target: Target, output: object, batch: int | None = None) -> 
 def _class_target(target: Any, logits: Tensor) -> Tensor:
     batch, classes = logits.shape
     if target is None:
-        return logits.detach().argmax(dim=1)
+        return logits.argmax(dim=1)  # no gradient flows into an index
     if isinstance(target, bool):
         raise TypeError("target must be an int, a sequence of ints or an integer tensor, not bool")
     if isinstance(target, int):
@@ -112,11 +114,16 @@ def _class_target(target: Any, logits: Tensor) -> Tensor:
         raise TypeError(f"target must hold integer class indices, not {t.dtype}")
     if t.dim() != 1 or t.shape[0] != batch:
         raise ValueError(f"target must have one class per example ({batch}); got shape {list(t.shape)}")
-    low, high = torch.stack(torch.aminmax(t)).tolist()  # one host sync, not two
-    if low < 0 or high >= classes:
-        bad = low if low < 0 else high
-        raise ValueError(f"target {bad} is out of range for {classes} classes")
-    return t.to(device=logits.device, dtype=torch.long)
+    def check(bounds: list[float]) -> None:
+        low, high = int(bounds[0]), int(bounds[1])
+        if low < 0 or high >= classes:
+            raise ValueError(f"target {low if low < 0 else high} is out of range for {classes} classes")
+
+    # One read of both bounds, with the call's other checks when it makes one read (then the index is
+    # clamped meanwhile: an out-of-range gather would fail on the device before the check could say why).
+    checked = on_host(torch.stack(torch.aminmax(t)), check)
+    t = t.to(device=logits.device, dtype=torch.long)
+    return t if checked else t.clamp(0, classes - 1)
 
 
 def _index_target(target: Any, output: Tensor) -> Tensor:
@@ -172,7 +179,7 @@ def score_of(output: object, target: Resolved, batch: int) -> Tensor:
     if target.dim() == 1:
         if output.dim() != 2 or output.shape[0] != batch:
             raise ValueError(f"a class target needs an output [B={batch}, classes]; got {list(output.shape)}")
-        return output.gather(1, target[:, None]).squeeze(1)  # a view whose backward allocates nothing
+        return output.gather(1, target.unsqueeze(1)).squeeze(1)  # a view whose backward allocates nothing
     rows = torch.arange(batch, device=output.device)
     return output[(rows,) + tuple(target.unbind(1))]
 

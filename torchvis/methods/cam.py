@@ -29,6 +29,7 @@ from torchvis.core import layouts
 from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Model, as_inputs
 from torchvis.core.passes import Shared, shared_passes
+from torchvis.core.reads import on_host, one_host_read
 from torchvis.core.targets import Target
 from torchvis.methods.spec import Look, MethodSpec, Need, register
 
@@ -98,29 +99,36 @@ class EmptyMapWarning(UserWarning):
 
 def warn_if_empty(heat: Tensor, activation: Tensor, layer_name: str) -> None:
     """Warn when the CAM ``heat`` ``[B,1,h,w]`` is exactly zero for some examples, saying for how many;
-    when the layer's ``activation`` has negative values, suggest the activation after the layer."""
-    empty = heat.flatten(1).abs().amax(dim=1).tolist().count(0)
-    if not empty:
-        return
-    hint = (
-        f"{layer_name!r} outputs negative values (a convolution before its activation?): the map at "
-        "the activation after it (its ReLU, or a pooling layer) is usually informative"
-        if bool((activation < 0).any())
-        else "the target's gradient at the layer weighs every location's channels to zero or less"
-    )
-    warnings.warn(
-        f"the CAM at {layer_name!r} is exactly zero for {empty} of {heat.shape[0]} examples, so it shows "
-        f"nothing for them; {hint}",
-        EmptyMapWarning,
-        stacklevel=_first_caller_outside_torchvis(),
-    )
+    when the layer's ``activation`` has negative values, suggest the activation after the layer. The
+    peaks are read with the call's other checks (:func:`torchvis.core.reads.on_host`)."""
+
+    def check(peaks: list[float]) -> None:
+        empty = peaks.count(0)
+        if not empty:
+            return
+        hint = (
+            f"{layer_name!r} outputs negative values (a convolution before its activation?): the map at "
+            "the activation after it (its ReLU, or a pooling layer) is usually informative"
+            if bool((activation < 0).any())
+            else "the target's gradient at the layer weighs every location's channels to zero or less"
+        )
+        warnings.warn(
+            f"the CAM at {layer_name!r} is exactly zero for {empty} of {heat.shape[0]} examples, so it "
+            f"shows nothing for them; {hint}",
+            EmptyMapWarning,
+            stacklevel=_first_caller_outside_torchvis(),
+        )
+
+    on_host(heat.flatten(1).abs().amax(dim=1), check)
 
 
 def _first_caller_outside_torchvis() -> int:
-    """The ``stacklevel`` (for a warning issued by our caller) of the first frame outside torchvis, so
-    a warning points at the user's line whether it came through ``grad_cam``, ``explain`` or a monitor."""
+    """The ``stacklevel`` (for a warning issued by our caller) of the first frame outside torchvis and
+    the ``contextlib`` frames of its context managers, so a warning points at the user's line whether
+    it came through ``grad_cam``, ``explain`` or a monitor, now or when the call's checks are read."""
     frame, level = sys._getframe(2), 2
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("torchvis."):
+    inside = ("torchvis.", "contextlib")
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(inside):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -261,9 +269,11 @@ def grad_cam(
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
     check_upsample(upsample, inputs.first)  # before the pass, not after it
-    (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
-                              layer_input=layer_input)
-    return grad_cam_from(shared, relu=relu, upsample=upsample, reshape=default_reshape(model, layer, reshape))
+    with one_host_read():  # the pass's and the map's checks: one host read
+        (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
+                                  layer_input=layer_input)
+        reshape = default_reshape(model, layer, reshape)
+        return grad_cam_from(shared, relu=relu, upsample=upsample, reshape=reshape)
 
 
 def guided_grad_cam(
@@ -288,9 +298,10 @@ def guided_grad_cam(
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
     check_upsample(upsample, inputs.first, guided=True)  # before the passes, not after them
-    (shared,) = shared_passes(model, inputs, target, layers=[layer], guided=True, eval_mode=eval_mode,
-                              layer_input=layer_input)
-    return guided_grad_cam_from(shared, upsample=upsample, reshape=default_reshape(model, layer, reshape))
+    with one_host_read():  # both passes' checks: one host read
+        (shared,) = shared_passes(model, inputs, target, layers=[layer], guided=True, eval_mode=eval_mode,
+                                  layer_input=layer_input)
+        return guided_grad_cam_from(shared, upsample=upsample, reshape=default_reshape(model, layer, reshape))
 
 
 register("grad_cam", grad_cam, needs=Need.LAYER_GRADIENT, from_pass=grad_cam_from, look=Look.HEAT_OVERLAY,

@@ -20,6 +20,7 @@ from torchvis.core import layouts
 from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Model, as_inputs
 from torchvis.core.passes import Shared, shared_passes
+from torchvis.core.reads import one_host_read
 from torchvis.core.targets import Target
 from torchvis.methods.cam import Heat, Upsample, cam_from, check_upsample, default_reshape
 from torchvis.methods.spec import Look, Need, register
@@ -78,9 +79,10 @@ def _variant(
 ) -> Tensor:
     inputs = as_inputs(x, forward_args, forward_kwargs)
     check_upsample(upsample, inputs.first)  # before the pass, not after it
-    (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
-                              layer_input=layer_input)
-    return _variant_from(heat, shared, relu, upsample, default_reshape(model, layer, reshape))
+    with one_host_read():  # the pass's and the map's checks: one host read
+        (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
+                                  layer_input=layer_input)
+        return _variant_from(heat, shared, relu, upsample, default_reshape(model, layer, reshape))
 
 
 def grad_cam_pp_from(

@@ -10,6 +10,7 @@ from torch import Tensor
 from torchvis.core.hooks import LayerAddress, address, is_element
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
+from torchvis.core.reads import one_host_read
 from torchvis.core.targets import Target
 from torchvis.methods.cam import check_cam_upsample, default_reshape
 from torchvis.methods.spec import MethodSpec, Need, extra_arguments, spec_of
@@ -95,26 +96,30 @@ def explain_batch(
                  and not shared_layers else None)
     names: list[str] | None = None
     logits = None
-    if shared_specs:
-        passes = shared_passes(
-            model, inputs, target,
-            input_grad=any(Need.INPUT_GRADIENT in spec.needs for spec in shared_specs),
-            layers=layers if shared_layers else [],
-            guided=any(Need.GUIDED in spec.needs for spec in shared_specs),
-            eval_mode=eval_mode,
-            layer_input=bool(options.get("layer_input", False)),
-        )
-        target, logits = passes[0].target, passes[0].logits
-        if passes[0].layer is not None:
-            names = [shared.layer for shared in passes]  # type: ignore[misc]
-        for spec in shared_specs:
-            assert spec.from_pass is not None
-            for ref, shared in zip(layers, passes, strict=True) if spec.takes_layer else [(None, passes[0])]:
-                key = layer_key(spec.name, shared.layer, many) if spec.takes_layer else spec.name
-                kwargs = dict(routed[spec.name])
-                if "reshape" in spec.options:
-                    kwargs["reshape"] = default_reshape(model, ref, kwargs.get("reshape"))
-                results[key] = spec.from_pass(shared, **kwargs)
+    # The passes' checks and the CAMs' empty-map checks in one host read, made before the methods of
+    # their own passes run (an error one of those finds must not hide a NaN the passes found).
+    with one_host_read():
+        if shared_specs:
+            passes = shared_passes(
+                model, inputs, target,
+                input_grad=any(Need.INPUT_GRADIENT in spec.needs for spec in shared_specs),
+                layers=layers if shared_layers else [],
+                guided=any(Need.GUIDED in spec.needs for spec in shared_specs),
+                eval_mode=eval_mode,
+                layer_input=bool(options.get("layer_input", False)),
+            )
+            target, logits = passes[0].target, passes[0].logits
+            if passes[0].layer is not None:
+                names = [shared.layer for shared in passes]  # type: ignore[misc]
+            for spec in shared_specs:
+                assert spec.from_pass is not None
+                pairs = zip(layers, passes, strict=True) if spec.takes_layer else [(None, passes[0])]
+                for ref, shared in pairs:
+                    key = layer_key(spec.name, shared.layer, many) if spec.takes_layer else spec.name
+                    kwargs = dict(routed[spec.name])
+                    if "reshape" in spec.options:
+                        kwargs["reshape"] = default_reshape(model, ref, kwargs.get("reshape"))
+                    results[key] = spec.from_pass(shared, **kwargs)
 
     picked = names is not None  # the shared pass resolved the layers (layer=None included)
     names = names if picked else own_names

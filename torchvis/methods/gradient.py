@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
+from torchvis.core.reads import one_host_read
 from torchvis.core.targets import Target
 from torchvis.methods.spec import Look, Need, register
 
@@ -28,16 +31,22 @@ def saliency(
     One forward and one backward to the inputs; no weight gradient is computed. ``model`` may be any
     callable; ``forward_args``/``forward_kwargs`` are passed to it unchanged and never attributed.
     """
-    (shared,) = shared_passes(model, x, target, input_grad=True, eval_mode=eval_mode,
-                              forward_args=forward_args, forward_kwargs=forward_kwargs)
-    return saliency_from(shared, abs=abs)
+    with one_host_read():  # the target's and the gradients' checks: one host read
+        (shared,) = shared_passes(model, x, target, input_grad=True, eval_mode=eval_mode,
+                                  forward_args=forward_args, forward_kwargs=forward_kwargs)
+        return saliency_from(shared, abs=abs)
 
 
 def saliency_from(shared: Shared, *, abs: bool = False) -> InputLike:
     """:func:`saliency` from the shared plain pass."""
     assert shared.input_grads is not None
-    grads = [g.to(t.dtype) for g, t in zip(shared.input_grads, shared.inputs.tensors, strict=True)]
+    grads = [_like(g, t) for g, t in zip(shared.input_grads, shared.inputs.tensors, strict=True)]
     return shared.inputs.pack([g.abs() if abs else g for g in grads])
+
+
+def _like(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad`` in ``x``'s dtype (a cast only where they differ: autocast)."""
+    return grad if grad.dtype == x.dtype else grad.to(x.dtype)
 
 
 def gradient_x_input(
@@ -56,9 +65,10 @@ def gradient_x_input(
     Through Propagating Activation Differences", arXiv:1605.01713, 2016. It reads the same forward
     and backward as :func:`saliency`; for a linear model it is each input's share ``w * x`` of the logit.
     """
-    (shared,) = shared_passes(model, x, target, input_grad=True, eval_mode=eval_mode,
-                              forward_args=forward_args, forward_kwargs=forward_kwargs)
-    return gradient_x_input_from(shared)
+    with one_host_read():  # the target's and the gradients' checks: one host read
+        (shared,) = shared_passes(model, x, target, input_grad=True, eval_mode=eval_mode,
+                                  forward_args=forward_args, forward_kwargs=forward_kwargs)
+        return gradient_x_input_from(shared)
 
 
 def gradient_x_input_from(shared: Shared) -> InputLike:
@@ -86,16 +96,17 @@ def guided_backprop(
     activations (GELU, SiLU, ...) keep their plain gradient, and a warning names them.
     Needs an ``nn.Module`` (it rewrites the ReLUs' backward while the model runs).
     """
-    (shared,) = shared_passes(model, x, target, guided=True, eval_mode=eval_mode,
-                              forward_args=forward_args, forward_kwargs=forward_kwargs)
-    return guided_backprop_from(shared)
+    with one_host_read():  # the target's and the gradients' checks: one host read
+        (shared,) = shared_passes(model, x, target, guided=True, eval_mode=eval_mode,
+                                  forward_args=forward_args, forward_kwargs=forward_kwargs)
+        return guided_backprop_from(shared)
 
 
 def guided_backprop_from(shared: Shared) -> InputLike:
     """:func:`guided_backprop` from the shared guided pass."""
     assert shared.guided_grads is not None
-    return shared.inputs.pack([g.to(t.dtype) for g, t in zip(shared.guided_grads, shared.inputs.tensors,
-                                                              strict=True)])
+    return shared.inputs.pack([_like(g, t) for g, t in zip(shared.guided_grads, shared.inputs.tensors,
+                                                            strict=True)])
 
 
 register("saliency", saliency, needs=Need.INPUT_GRADIENT, from_pass=saliency_from, look=Look.SIGNED,
