@@ -10,12 +10,21 @@ and of its floor, interleaved. The floors are those of :mod:`benchmarks.floors`:
 saliency, guided backprop and ``explain`` of saliency and Grad-CAM; the layer floor (forward and
 backward to the ReLU's output, no CAM arithmetic) for Grad-CAM. A row reports the median over rounds
 of ours − floor per call, with the smallest and largest. Issue 13's target is 50 µs.
+
+The last row, ``promises alone``, times :func:`promised_saliency` against the same input floor: plain
+PyTorch doing only what the product's promises ask of every call (a lock held while the modules' modes
+are read on entry and compared on exit, the global RNG saved and restored, gradients on, the input
+copied before the model sees it, the target read from the logits, one finiteness read of the logits
+and the gradient), and nothing else: no argument checks, no registry, no hooks. It says how much of
+the fixed cost the promises themselves take on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -37,6 +46,34 @@ def tiny_model() -> tuple[nn.Sequential, torch.Tensor]:
     return model, x
 
 
+def promised_saliency(model: nn.Module, x: torch.Tensor) -> Run:
+    """Saliency with only what the promises need, in plain PyTorch (see the module doc): the least a
+    call that keeps them can cost. Returns ``d score / d x`` ``[B,C,H,W]``."""
+    lock = threading.Lock()
+
+    def run() -> torch.Tensor:
+        with lock:  # the lease: modes read on entry ...
+            modes = [module.training for module in model.modules()]
+        rng = torch.get_rng_state()
+        try:
+            with torch.enable_grad():
+                leaf = x.detach().requires_grad_(True)
+                logits = model(leaf.clone())
+                target = logits.argmax(dim=1)
+                score = logits.gather(1, target.unsqueeze(1)).sum()
+                (grad,) = torch.autograd.grad(score, leaf)
+                if not all(math.isfinite(v) for v in torch.stack([logits.sum(), grad.sum()]).tolist()):
+                    raise ValueError("not finite")
+        finally:
+            torch.set_rng_state(rng)
+            with lock:  # ... and compared on exit
+                if [module.training for module in model.modules()] != modes:
+                    raise RuntimeError("a mode changed")
+        return grad
+
+    return run
+
+
 def cases(model: nn.Sequential, x: torch.Tensor) -> dict[str, tuple[Run, Run]]:
     """Per method: (our call, its floor)."""
     to_input, to_layer = input_floor(model, x), layer_floor(model, x, model[1])
@@ -47,6 +84,7 @@ def cases(model: nn.Sequential, x: torch.Tensor) -> dict[str, tuple[Run, Run]]:
         "explain saliency+grad_cam": (
             lambda: torchvis.explain(model, x, methods=["saliency", "grad_cam"], layer="1"), to_input
         ),
+        "promises alone": (promised_saliency(model, x), to_input),
     }
 
 

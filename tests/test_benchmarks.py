@@ -255,8 +255,14 @@ def test_per_call_measures_ours_minus_the_floor_for_each_method() -> None:
     from benchmarks import per_call
 
     extra = per_call.measure(rounds=2, calls=2)
-    assert list(extra) == ["saliency", "guided_backprop", "grad_cam", "explain saliency+grad_cam"]
+    assert list(extra) == ["saliency", "guided_backprop", "grad_cam", "explain saliency+grad_cam",
+                           "promises alone"]
     assert all(len(values) == 2 and all(math.isfinite(v) for v in values) for values in extra.values())
     model, x = per_call.tiny_model()
-    ours, floor = per_call.cases(model, x)["saliency"]
+    cases = per_call.cases(model, x)
+    ours, floor = cases["saliency"]
     torch.testing.assert_close(ours(), floor(), rtol=0, atol=0)  # the predicted class, the same gradient
+    promised, _ = cases["promises alone"]
+    state = torch.get_rng_state()
+    torch.testing.assert_close(promised(), floor(), rtol=0, atol=0)
+    assert torch.equal(torch.get_rng_state(), state)
