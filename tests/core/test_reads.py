@@ -1,8 +1,8 @@
 """One host read per call: the checks' queue (:mod:`torchvis.core.reads`), and the methods' reads
 counted on the CPU, where every read of a device value goes through a tensor method (``item``,
 ``tolist``, ``__bool__``, ...) that a torch function mode sees. On a GPU each is a host sync. The CPU
-needs no sync, so the queue reads its tensors one by one there; the tests that count reads make it
-treat the CPU as a device that synchronises (``synchronising_cpu``), which is the GPU's path."""
+needs no sync, so its checks run at once there; the tests that count reads make the queue treat the CPU
+as a device that synchronises (``synchronising_cpu``), which is the GPU's path."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class CountReads(TorchFunctionMode):
 
 @pytest.fixture
 def synchronising_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The queue reads CPU tensors as it reads those of a GPU: all in one ``tolist``."""
+    """The queue takes CPU tensors as it takes those of a GPU: all read in one ``tolist``."""
     monkeypatch.setattr(reads, "UNSYNCED", frozenset())
 
 
@@ -57,10 +57,8 @@ def test_a_check_outside_a_block_runs_at_once() -> None:
     assert seen == [[1.0, 2.0]]
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["as-on-a-gpu", "cpu"])
-def test_checks_in_a_block_run_at_its_end_in_order(batched: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    if batched:
-        monkeypatch.setattr(reads, "UNSYNCED", frozenset())
+@pytest.mark.usefixtures("synchronising_cpu")
+def test_checks_in_a_block_run_at_its_end_in_order_after_one_read() -> None:
     seen: list[tuple[str, list[float]]] = []
     with CountReads() as counter, one_host_read():
         assert on_host(torch.tensor([3, -1]), lambda v: seen.append(("ints", v))) is False
@@ -69,9 +67,17 @@ def test_checks_in_a_block_run_at_its_end_in_order(batched: bool, monkeypatch: p
         on_host(torch.tensor([], dtype=torch.float64), lambda v: seen.append(("empty", v)))
         assert seen == []
     assert seen == [("ints", [3, -1]), ("floats", [0.5]), ("empty", [])]
-    assert counter.reads == ["tolist"] * (1 if batched else 3)
+    assert counter.reads == ["tolist"]
 
 
+def test_a_check_of_cpu_values_runs_at_once_even_in_a_block() -> None:
+    seen: list[list[float]] = []
+    with one_host_read():
+        assert on_host(torch.tensor([4.0]), seen.append) is True
+        assert seen == [[4.0]]
+
+
+@pytest.mark.usefixtures("synchronising_cpu")
 def test_a_block_that_raises_runs_no_check() -> None:
     seen: list[list[float]] = []
     with pytest.raises(KeyError), one_host_read():
@@ -82,6 +88,7 @@ def test_a_block_that_raises_runs_no_check() -> None:
     assert seen == [[2.0]]
 
 
+@pytest.mark.usefixtures("synchronising_cpu")
 def test_a_failing_check_raises_when_the_block_ends() -> None:
     def refuse(values: list[float]) -> None:
         raise ValueError(f"bad {values}")
@@ -140,7 +147,11 @@ def test_explain_reads_the_device_once_for_every_shared_method(target: str | Non
     assert reads_of(run) == ["tolist"]
 
 
-def test_the_checks_still_refuse_and_warn_after_the_one_read(net: tuple[nn.Module, Tensor]) -> None:
+@pytest.mark.parametrize("queued", [True, False], ids=["queued-as-on-a-gpu", "cpu"])
+def test_the_checks_still_refuse_and_warn(queued: bool, net: tuple[nn.Module, Tensor],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if queued:
+        monkeypatch.setattr(reads, "UNSYNCED", frozenset())
     model, x = net
     with pytest.raises(ValueError, match="target 3 is out of range for 3 classes"):
         torchvis.grad_cam(model, x, torch.tensor([3, 0]), layer="relu2")

@@ -123,12 +123,11 @@ def warn_if_empty(heat: Tensor, activation: Tensor, layer_name: str) -> None:
 
 
 def _first_caller_outside_torchvis() -> int:
-    """The ``stacklevel`` (for a warning issued by our caller) of the first frame outside torchvis and
-    the ``contextlib`` frames of its context managers, so a warning points at the user's line whether
-    it came through ``grad_cam``, ``explain`` or a monitor, now or when the call's checks are read."""
+    """The ``stacklevel`` (for a warning issued by our caller) of the first frame outside torchvis, so
+    a warning points at the user's line whether it came through ``grad_cam``, ``explain`` or a
+    monitor, and whether it is issued at once or when the call's queued checks are read."""
     frame, level = sys._getframe(2), 2
-    inside = ("torchvis.", "contextlib")
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(inside):
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("torchvis."):
         frame, level = frame.f_back, level + 1
     return level
 
