@@ -214,10 +214,16 @@ def test_explain_refuses_a_plain_function_for_guided_backprop_before_any_pass() 
          "unknown layer 'nope'"),
         (lambda m, x: torchvis.explain(m, x, methods=["grad_cam", "score_cam"], layer=["conv", "nope"]),
          "unknown layer 'nope'"),
+        (lambda m, x: torchvis.grad_cam(m, x, 0, layer="conv", reshape="tokens"), "reshape must be"),
+        (lambda m, x: torchvis.hires_cam(m, x, 0, layer="conv", reshape="tokens"), "reshape must be"),
+        (lambda m, x: torchvis.guided_grad_cam(m, x, 0, layer="conv", reshape="tokens"), "reshape must be"),
+        (lambda m, x: torchvis.explain(m, x, methods=["saliency", "grad_cam"], layer="conv",
+                                       reshape="tokens"), "reshape must be"),
     ],
     ids=["grad_cam", "layer_cam", "guided_grad_cam", "explain-upsample", "explain-guided-upsample",
          "explain-smoothgrad-upsample", "explain-vargrad-guided-upsample", "smoothgrad-upsample",
-         "explain-own-pass-layer", "explain-layer-list"],
+         "explain-own-pass-layer", "explain-layer-list", "grad_cam-reshape", "hires_cam-reshape",
+         "guided_grad_cam-reshape", "explain-reshape"],
 )
 def test_bad_layer_options_are_refused_before_the_model_runs(call: Any, match: str) -> None:
     model = Counting().double().eval()

@@ -7,6 +7,7 @@ as a device that synchronises (``synchronising_cpu``), which is the GPU's path."
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -138,13 +139,41 @@ def test_a_method_reads_the_device_once(name: str, target: str | None, net: tupl
 
 @pytest.mark.parametrize("target", [None, "tensor"])
 @pytest.mark.usefixtures("synchronising_cpu")
-def test_explain_reads_the_device_once_for_every_shared_method(target: str | None,
-                                                               net: tuple[nn.Module, Tensor]) -> None:
+def test_explain_reads_the_device_once_for_every_check_of_its_shared_passes(
+    target: str | None, net: tuple[nn.Module, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, x = net
     chosen = None if target is None else torch.tensor([2, 0])
     methods = ["saliency", "guided_backprop", "grad_cam", "layer_cam", "guided_grad_cam"]
     run = lambda: torchvis.explain(model, x, chosen, methods=methods, layer=["relu1", "relu2"])  # noqa: E731
     assert reads_of(run) == ["tolist"]
+    queued: list[Counter[str]] = []
+    read = reads._read
+    monkeypatch.setattr(reads, "_read", lambda queue: queued.append(
+        Counter(check.__qualname__.split(".")[0] for _, check in queue)) or read(queue))
+    run()
+    # Each pass's finiteness check; the target's range in each pass that is given a tensor (the guided
+    # pass always is: the plain pass's resolved classes); the empty-map check of each CAM at each layer.
+    assert queued == [Counter(check_finite=2, _class_target=1 if target is None else 2, warn_if_empty=4)]
+
+
+@pytest.mark.parametrize("queued", [True, False], ids=["queued-as-on-a-gpu", "cpu"])
+@pytest.mark.parametrize("target", [(1, 7), (-1, 0)])
+def test_an_index_target_out_of_range_is_refused(queued: bool, target: tuple[int, int],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if queued:
+        monkeypatch.setattr(reads, "UNSYNCED", frozenset())
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10), nn.Unflatten(1, (5, 2))).double()
+    x = torch.randn(2, 3, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    dimension, size = (2, 2) if target[1] == 7 else (1, 5)
+    refused = f"out of range for dimension {dimension} of the output \\(size {size}"
+    with pytest.raises(ValueError, match=refused):
+        torchvis.saliency(model, x, target)
+    with CountReads() as counter:
+        got = torchvis.saliency(model, x, (3, 1))
+    (expected,) = torch.autograd.grad(model(x.requires_grad_())[:, 3, 1].sum(), x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert counter.reads == ["tolist"] * (1 if queued else 2)
 
 
 @pytest.mark.parametrize("queued", [True, False], ids=["queued-as-on-a-gpu", "cpu"])

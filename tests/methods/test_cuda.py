@@ -79,9 +79,18 @@ def test_one_host_sync_per_pass(
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     syncs = [w for w in seen if "synchroniz" in str(w.message)]
-    # The checks (finite, empty map) need their results on the host: one read for all of them
-    # (tests/core/test_reads.py counts the reads on the CPU).
-    assert len(syncs) <= 1, [str(w.message) for w in syncs]
+    # The checks (finite, target range, empty map) need their results on the host: one read for all of
+    # them (tests/core/test_reads.py counts the reads on the CPU). Occlusion checks the clean scores
+    # before its perturbed passes, then their scores.
+    assert len(syncs) == (2 if name == "occlusion" else 1), [str(w.message) for w in syncs]
+
+
+def test_logits_a_model_moves_to_the_cpu_are_checked_with_the_gradients(
+    small_cnn: Callable[[int], nn.Module], randn: Callable[..., Tensor]
+) -> None:
+    model, x = small_cnn(0).to(CUDA), randn(1, 2, 3, 12, 12)
+    on_gpu = saliency(lambda t: model(t).cpu(), x.to(CUDA))
+    torch.testing.assert_close(on_gpu.cpu(), saliency(model.cpu(), x), rtol=1e-9, atol=1e-12)
 
 
 def test_timing_and_memory_use_the_device() -> None:

@@ -118,8 +118,9 @@ class _Guard:
             if fork:
                 self._rng = _SavedRng(self._cuda)
             if training_inside:
-                self._statistics = hooks.batch_statistics_only(model)  # type: ignore[arg-type]
-                self._statistics.__enter__()
+                statistics = hooks.batch_statistics_only(model)  # type: ignore[arg-type]
+                statistics.__enter__()
+                self._statistics = statistics  # kept once entered: leaving undoes only what was done
             if self._grad:
                 self._grad_mode = torch.enable_grad()
                 self._grad_mode.__enter__()
@@ -223,4 +224,7 @@ def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of th
             f"{what} hold NaN or inf (an overflow?); the maps would be NaN — try float64 inputs and model"
         )
 
-    on_host(torch.stack([t.sum() for t in tensors]), check)
+    # One tensor of sums, on the device they are read from (the first not on the CPU: logits a model
+    # moved to the CPU are summed there and copied over).
+    device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
+    on_host(torch.stack([t.sum().to(device) for t in tensors]), check)

@@ -58,9 +58,20 @@ def vit_layer(model: nn.Module) -> str | None:
     return f"encoder.layers.{named[-1][0]}.ln_1"
 
 
+def check_reshape(reshape: object) -> None:
+    """``reshape`` must be ``None``, ``"auto"`` (or its bound form) or a callable."""
+    if isinstance(reshape, str):
+        if reshape != "auto":
+            raise ValueError(f"reshape must be None, 'auto' or a callable; got {reshape!r}")
+    elif reshape is not None and not callable(reshape) and not isinstance(reshape, AutoLayout):
+        raise TypeError(f"reshape must be None, 'auto' or a callable; got {type(reshape).__name__}")
+
+
 def bind(reshape: Reshape, model: nn.Module) -> Reshape:
-    """``reshape`` with ``"auto"`` bound to ``model``'s patch size (see :class:`AutoLayout`)."""
-    return AutoLayout(patch_size(model)) if isinstance(reshape, str) and reshape == "auto" else reshape
+    """``reshape`` with ``"auto"`` bound to ``model``'s patch size (see :class:`AutoLayout`); refuses
+    anything else that is not a reshape (:func:`check_reshape`), before any pass runs."""
+    check_reshape(reshape)
+    return AutoLayout(patch_size(model)) if isinstance(reshape, str) else reshape
 
 
 def to_feature_map(
@@ -69,18 +80,15 @@ def to_feature_map(
     """``output`` of ``layer`` as ``[B,K,*spatial']`` following ``reshape`` (see the module doc);
     ``spatial`` is the input's spatial shape. A reshape (callable or ``"auto"``) must give a tensor
     with the batch of ``output`` and the input's number of spatial dimensions, else ``ValueError``."""
+    check_reshape(reshape)
     if reshape is None:
         return output
     if isinstance(reshape, AutoLayout):
         out = auto_layout(output, spatial, layer, patch=reshape.patch)
     elif isinstance(reshape, str):
-        if reshape != "auto":
-            raise ValueError(f"reshape must be None, 'auto' or a callable; got {reshape!r}")
         out = auto_layout(output, spatial, layer)
-    elif callable(reshape):
-        out = reshape(output)
     else:
-        raise TypeError(f"reshape must be None, 'auto' or a callable; got {type(reshape).__name__}")
+        out = reshape(output)
     if not isinstance(out, Tensor) or out.dim() != len(spatial) + 2 or out.shape[0] != output.shape[0]:
         got = f"shape {list(out.shape)}" if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(

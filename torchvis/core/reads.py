@@ -9,6 +9,11 @@ were queued (so a non-finite gradient is reported before the empty map it caused
 block, and for values on the CPU (whose reads wait for nothing), :func:`on_host` reads at once. A
 block nested in another (``explain`` calling a method) joins the outer one. Each thread has its own
 queue.
+
+The price of one read: on a GPU a queued check raises when the call ends, after the passes it might
+have preceded — a device tensor target out of range is reported after the forward and backward (its
+index clamped meanwhile, so that the gather cannot fail first); on the CPU every check runs where it
+is made, as before.
 """
 
 from __future__ import annotations

@@ -153,14 +153,20 @@ def _index_target(target: Any, output: Tensor) -> Tensor:
             f"the model's output has shape {list(output.shape)}: a target needs {k} indices per example "
             f"(a tuple of {k} ints, or [B={batch}, {k}]); got shape {list(index.shape)}"
         )
-    lows, highs = torch.stack(torch.aminmax(index, dim=0)).tolist()  # one host sync
-    for d, (size, low, high) in enumerate(zip(dims, lows, highs, strict=True)):
-        if low < 0 or high >= size:
-            raise ValueError(
-                f"target index {low if low < 0 else high} is out of range for dimension {d + 1} of the "
-                f"output (size {size}; output shape {list(output.shape)})"
-            )
-    return index.to(device=output.device, dtype=torch.long).contiguous()
+    def check(bounds: list[float]) -> None:  # the k lowest indices, then the k highest
+        for d, (size, low, high) in enumerate(zip(dims, bounds[:k], bounds[k:], strict=True)):
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"target index {int(low if low < 0 else high)} is out of range for dimension {d + 1} "
+                    f"of the output (size {size}; output shape {list(output.shape)})"
+                )
+
+    # As for a class target: one read with the call's other checks, the index clamped meanwhile.
+    checked = on_host(torch.stack(torch.aminmax(index, dim=0)).flatten(), check)
+    index = index.to(device=output.device, dtype=torch.long)
+    if not checked:
+        index = torch.stack([index[:, d].clamp(0, size - 1) for d, size in enumerate(dims)], dim=1)
+    return index.contiguous()
 
 
 def score_of(output: object, target: Resolved, batch: int) -> Tensor:

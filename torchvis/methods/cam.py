@@ -267,11 +267,11 @@ def grad_cam(
     ``nn.Module`` (it reads the layer through hooks).
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    check_upsample(upsample, inputs.first)  # before the pass, not after it
+    check_upsample(upsample, inputs.first)  # the options refused before the pass, not after it
+    reshape = default_reshape(model, layer, reshape)
     with one_host_read():  # the pass's and the map's checks: one host read
         (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
                                   layer_input=layer_input)
-        reshape = default_reshape(model, layer, reshape)
         return grad_cam_from(shared, relu=relu, upsample=upsample, reshape=reshape)
 
 
@@ -296,11 +296,12 @@ def guided_grad_cam(
     ``upsample`` ``True``/``"bilinear"`` or ``"nearest"`` (Captum's default for ``GuidedGradCam``).
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    check_upsample(upsample, inputs.first, guided=True)  # before the passes, not after them
+    check_upsample(upsample, inputs.first, guided=True)  # the options refused before the passes
+    reshape = default_reshape(model, layer, reshape)
     with one_host_read():  # both passes' checks: one host read
         (shared,) = shared_passes(model, inputs, target, layers=[layer], guided=True, eval_mode=eval_mode,
                                   layer_input=layer_input)
-        return guided_grad_cam_from(shared, upsample=upsample, reshape=default_reshape(model, layer, reshape))
+        return guided_grad_cam_from(shared, upsample=upsample, reshape=reshape)
 
 
 register("grad_cam", grad_cam, needs=Need.LAYER_GRADIENT, from_pass=grad_cam_from, look=Look.HEAT_OVERLAY,

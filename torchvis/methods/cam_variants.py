@@ -78,11 +78,12 @@ def _variant(
     forward_kwargs: Mapping[str, Any] | None,
 ) -> Tensor:
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    check_upsample(upsample, inputs.first)  # before the pass, not after it
+    check_upsample(upsample, inputs.first)  # the options refused before the pass, not after it
+    reshape = default_reshape(model, layer, reshape)
     with one_host_read():  # the pass's and the map's checks: one host read
         (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
                                   layer_input=layer_input)
-        return _variant_from(heat, shared, relu, upsample, default_reshape(model, layer, reshape))
+        return _variant_from(heat, shared, relu, upsample, reshape)
 
 
 def grad_cam_pp_from(

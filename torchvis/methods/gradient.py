@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import Tensor
-
 from torchvis.core.inputs import InputLike, Model
 from torchvis.core.passes import Shared, shared_passes
 from torchvis.core.reads import one_host_read
@@ -40,13 +38,8 @@ def saliency(
 def saliency_from(shared: Shared, *, abs: bool = False) -> InputLike:
     """:func:`saliency` from the shared plain pass."""
     assert shared.input_grads is not None
-    grads = [_like(g, t) for g, t in zip(shared.input_grads, shared.inputs.tensors, strict=True)]
+    grads = [g.to(t.dtype) for g, t in zip(shared.input_grads, shared.inputs.tensors, strict=True)]
     return shared.inputs.pack([g.abs() if abs else g for g in grads])
-
-
-def _like(grad: Tensor, x: Tensor) -> Tensor:
-    """``grad`` in ``x``'s dtype (a cast only where they differ: autocast)."""
-    return grad if grad.dtype == x.dtype else grad.to(x.dtype)
 
 
 def gradient_x_input(
@@ -105,8 +98,8 @@ def guided_backprop(
 def guided_backprop_from(shared: Shared) -> InputLike:
     """:func:`guided_backprop` from the shared guided pass."""
     assert shared.guided_grads is not None
-    return shared.inputs.pack([_like(g, t) for g, t in zip(shared.guided_grads, shared.inputs.tensors,
-                                                            strict=True)])
+    return shared.inputs.pack([g.to(t.dtype) for g, t in zip(shared.guided_grads, shared.inputs.tensors,
+                                                              strict=True)])
 
 
 register("saliency", saliency, needs=Need.INPUT_GRADIENT, from_pass=saliency_from, look=Look.SIGNED,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from torchvis.core.inputs import InputLike, Model, PerInput, as_inputs, check_model, fills
 from torchvis.core.passes import gradient_pass, target_pass
+from torchvis.core.reads import one_host_read
 from torchvis.core.targets import Target, given_target, take_target
 from torchvis.methods.perturbation import batch_size_for
 from torchvis.methods.spec import Look, Need, register
@@ -128,8 +129,9 @@ def integrated_gradients(
         step, example = flat[lo : lo + batch_size] // batch, flat[lo : lo + batch_size] % batch
         points = [start[example] + alphas[step].view(_column(t)) * path[example]
                   for t, start, path, alphas in zip(xs, starts, paths, node_values, strict=True)]
-        grads = gradient_pass(model, inputs.take(example, points), take_target(targets, example),
-                              input_grad=True, eval_mode=eval_mode)
+        with one_host_read():  # the batch's target and finiteness checks: one host read
+            grads = gradient_pass(model, inputs.take(example, points), take_target(targets, example),
+                                  input_grad=True, eval_mode=eval_mode)
         assert grads.input_grads is not None
         for t, total, grad, scales in zip(xs, totals, grads.input_grads, weight_values, strict=True):
             total.index_add_(0, example, grad * scales[step].view(_column(t)))
