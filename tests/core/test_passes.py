@@ -188,7 +188,9 @@ def test_a_rerun_in_eval_mode_keeps_other_threads_draws() -> None:
         idle.join()
 
 
-def test_guided_passes_refuse_torchscript_before_any_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("plain_too", [True, False], ids=["with-the-plain-pass", "guided-alone"])
+def test_guided_passes_refuse_torchscript_before_any_pass(plain_too: bool,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvis.core.passes as passes
 
     ran: list[bool] = []
@@ -196,9 +198,19 @@ def test_guided_passes_refuse_torchscript_before_any_pass(monkeypatch: pytest.Mo
     monkeypatch.setattr(passes, "gradient_pass", lambda *a, **k: ran.append(True) or real(*a, **k))
     scripted = torch.jit.script(build("plain"))
     with pytest.raises(TypeError, match="TorchScript"):
-        passes.shared_passes(scripted, torch.randn(1, 2, 6, 6, dtype=torch.float64), input_grad=True,
+        passes.shared_passes(scripted, torch.randn(1, 2, 6, 6, dtype=torch.float64), input_grad=plain_too,
                              guided=True)
-    assert ran == []  # not after the plain pass
+    assert ran == []  # not after the plain pass, nor by the guided pass itself
+
+
+def test_a_guided_call_walks_the_model_for_torchscript_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvis.core.passes as passes
+
+    checked: list[bool] = []
+    real = passes.check_guidable
+    monkeypatch.setattr(passes, "check_guidable", lambda m: checked.append(True) or real(m))
+    torchvis.guided_grad_cam(build("plain"), torch.randn(1, 2, 6, 6, dtype=torch.float64), layer="conv2")
+    assert checked == [True]
 
 
 def test_guided_grad_cam_names_itself_for_a_layer_without_spatial_dimensions() -> None:

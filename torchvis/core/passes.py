@@ -64,16 +64,16 @@ def gradient_pass(
     ``x``: a tensor ``[B, ...]``, a tuple of them, or :class:`~torchvis.core.inputs.Inputs` (with extra
     forward arguments). A ``None`` layer means, for a torchvision-style ViT, the last block's ``ln_1``
     (:func:`torchvis.core.layouts.vit_layer`), else the last module whose output is still a spatial
-    feature map of the first input's rank (see :func:`pick_feature_layer`). A layer may be one element
-    of a tuple output (:func:`torchvis.core.hooks.address`); with ``layer_input`` the layers' inputs
-    are taken instead of their outputs. With ``guided``, every ReLU's backward follows guided
-    backprop. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable. A
-    wrapped module (``torch.compile``, ``DataParallel``) runs as its original module
-    (:func:`hooks.unwrap`). The layers' outputs are kept without a copy unless the model has modules
-    that work in place (:func:`hooks.has_in_place_modules`) or the call has forward arguments (which it may
-    change in place, so that a rerun would see them changed); if a functional in-place op (``y += x``,
-    ``F.relu(y, inplace=True)``) overwrites one, the forward runs once more, with copies and from the
-    same RNG state — the same maps, at the cost of a second forward.
+    feature map of the first input's rank (see :func:`pick_feature_layer`). A layer may be one element of
+    a tuple output (:func:`torchvis.core.hooks.address`); with ``layer_input`` the layers' inputs are
+    taken instead of their outputs. With ``guided``, every ReLU's backward follows guided backprop; the
+    model must have passed :func:`check_guidable` (:func:`shared_passes` checks it). Layers and ``guided``
+    need an ``nn.Module``; the input gradient alone any callable. A wrapped module (``torch.compile``,
+    ``DataParallel``) runs as its original module (:func:`hooks.unwrap`). The layers' outputs are kept
+    without a copy unless the model has modules that work in place (:func:`hooks.has_in_place_modules`) or
+    the call has forward arguments (which it may change in place, so that a rerun would see them changed);
+    if a functional in-place op (``y += x``, ``F.relu(y, inplace=True)``) overwrites one, the forward runs
+    once more, with copies and from the same RNG state — the same maps, at the cost of a second forward.
     """
     inputs = as_inputs(x)
     check_model(model)
@@ -82,8 +82,6 @@ def gradient_pass(
         module = check_module(model, "guided backprop" if guided else "a layer method")
         requested = [_layer_key(module, layer) for layer in layers]  # names with a wrapper's prefix too
         model = module = hooks.unwrap(module)
-    if guided:
-        check_guidable(module)
     named = [name for name in requested if name is not None]
     batch = inputs.batch
 
@@ -207,7 +205,7 @@ def shared_passes(
     :func:`gradient_pass`.
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    if guided and (input_grad or layers):  # refused before the plain pass runs (the guided pass checks too)
+    if guided:  # here, not in gradient_pass: refused before the plain pass runs, and checked once
         check_guidable(check_module(model, "guided backprop"))
     plain = guided_result = None
     if input_grad or layers:
