@@ -219,11 +219,17 @@ def test_explain_refuses_a_plain_function_for_guided_backprop_before_any_pass() 
         (lambda m, x: torchvis.guided_grad_cam(m, x, 0, layer="conv", reshape="tokens"), "reshape must be"),
         (lambda m, x: torchvis.explain(m, x, methods=["saliency", "grad_cam"], layer="conv",
                                        reshape="tokens"), "reshape must be"),
+        (lambda m, x: torchvis.score_cam(m, x, 0, layer="conv", reshape="tokens"), "reshape must be"),
+        (lambda m, x: torchvis.smoothgrad(m, x, method="grad_cam", layer="conv", reshape="tokens"),
+         "reshape must be"),
+        (lambda m, x: torchvis.vargrad(m, x, method="grad_cam", layer="conv", reshape="tokens"),
+         "reshape must be"),
     ],
     ids=["grad_cam", "layer_cam", "guided_grad_cam", "explain-upsample", "explain-guided-upsample",
          "explain-smoothgrad-upsample", "explain-vargrad-guided-upsample", "smoothgrad-upsample",
          "explain-own-pass-layer", "explain-layer-list", "grad_cam-reshape", "hires_cam-reshape",
-         "guided_grad_cam-reshape", "explain-reshape"],
+         "guided_grad_cam-reshape", "explain-reshape", "score_cam-reshape", "smoothgrad-reshape",
+         "vargrad-reshape"],
 )
 def test_bad_layer_options_are_refused_before_the_model_runs(call: Any, match: str) -> None:
     model = Counting().double().eval()

@@ -203,6 +203,12 @@ def test_guided_passes_refuse_torchscript_before_any_pass(plain_too: bool,
     assert ran == []  # not after the plain pass, nor by the guided pass itself
 
 
+def test_a_guided_gradient_pass_refuses_torchscript_itself() -> None:
+    with pytest.raises(TypeError, match="TorchScript"):
+        gradient_pass(torch.jit.script(build("plain")), torch.randn(1, 2, 6, 6, dtype=torch.float64),
+                      input_grad=True, guided=True)
+
+
 def test_a_guided_call_walks_the_model_for_torchscript_once(monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvis.core.passes as passes
 

@@ -1,7 +1,7 @@
 """The methods and the benchmark harness on CUDA; every test here is skipped where no GPU exists.
 
 On CUDA each method must give the CPU's map (float64, tight tolerance), synchronise with the host
-at most once per pass (the NaN check, whose result is needed), and the harness must run there with
+once per call (its checks read together; occlusion twice), and the harness must run there with
 device-event timing, mixed precision and channels_last.
 """
 
@@ -63,19 +63,43 @@ def test_explain_on_cuda_matches_cpu(
         torch.testing.assert_close(on_gpu[key].cpu(), on_cpu[key], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_one_host_sync_per_pass(
+Call = Callable[[nn.Module, Tensor, Tensor], object]
+
+
+def _untargeted(method: Callable[[nn.Module, Tensor], Tensor]) -> Call:
+    return lambda model, x, target: method(model, x)
+
+
+# Every method above, and the calls with the most checks: explain's two passes and CAMs at two layers,
+# and a target tensor on the device (its range is checked with the rest). Each takes the target tensor,
+# made before the sync count starts: the predicted classes, whose maps are not empty here (an empty
+# map's warning reads the layer once more for its hint).
+SYNCED: dict[str, Call] = {
+    **{name: _untargeted(method) for name, method in METHODS.items()},
+    "explain": lambda model, x, target: explain(
+        model, x, methods=["saliency", "guided_backprop", "grad_cam", "guided_grad_cam"],
+        layer=["conv2", "conv3"]),
+    "grad_cam, target tensor": lambda model, x, target: grad_cam(model, x, target, layer="conv3"),
+    "explain, target tensor": lambda model, x, target: explain(
+        model, x, target, methods=["saliency", "grad_cam"], layer="conv3"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SYNCED))
+def test_one_host_sync_per_call(
     name: str, small_cnn: Callable[[int], nn.Module], randn: Callable[..., Tensor]
 ) -> None:
     model, x = small_cnn(0).to(CUDA), randn(1, 2, 3, 12, 12).to(CUDA)
-    METHODS[name](model, x)  # first call: lazy initialisation may synchronise
+    with torch.no_grad():
+        target = model(x).argmax(dim=1)
+    SYNCED[name](model, x, target)  # first call: lazy initialisation may synchronise
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            METHODS[name](model, x)
+            SYNCED[name](model, x, target)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     syncs = [w for w in seen if "synchroniz" in str(w.message)]
@@ -90,6 +114,8 @@ def test_logits_a_model_moves_to_the_cpu_are_checked_with_the_gradients(
 ) -> None:
     model, x = small_cnn(0).to(CUDA), randn(1, 2, 3, 12, 12)
     on_gpu = saliency(lambda t: model(t).cpu(), x.to(CUDA))
+    with pytest.raises(ValueError, match="the model output contains NaN or inf"):
+        saliency(lambda t: (model(t) * float("nan")).cpu(), x.to(CUDA))
     torch.testing.assert_close(on_gpu.cpu(), saliency(model.cpu(), x), rtol=1e-9, atol=1e-12)
 
 

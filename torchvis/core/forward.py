@@ -210,7 +210,7 @@ def check_finite(logits: Tensor, *more: Tensor, what: str = "the gradients of th
         # The tensors whose sum is not finite, read exactly: the smallest and largest value (NaN if it
         # holds one, +-inf if it holds one). A finite tensor whose sum overflowed passes.
         suspects = [i for i, total in enumerate(sums) if not math.isfinite(total)]
-        extremes = torch.stack([torch.stack(torch.aminmax(tensors[i])).double() for i in suspects]).tolist()
+        extremes = [torch.stack(torch.aminmax(tensors[i])).double().tolist() for i in suspects]  # any device
         bad = {i for i, (low, high) in zip(suspects, extremes, strict=True)
                if not (math.isfinite(low) and math.isfinite(high))}
         if not bad:

@@ -58,6 +58,7 @@ def gradient_pass(
     guided: bool = False,
     eval_mode: bool = True,
     layer_input: bool = False,
+    guidable: bool = False,
 ) -> GradientPass:
     """Gradients of the target logit at the input and/or at ``layers``, from one forward and one backward.
 
@@ -67,13 +68,14 @@ def gradient_pass(
     feature map of the first input's rank (see :func:`pick_feature_layer`). A layer may be one element of
     a tuple output (:func:`torchvis.core.hooks.address`); with ``layer_input`` the layers' inputs are
     taken instead of their outputs. With ``guided``, every ReLU's backward follows guided backprop; the
-    model must have passed :func:`check_guidable` (:func:`shared_passes` checks it). Layers and ``guided``
-    need an ``nn.Module``; the input gradient alone any callable. A wrapped module (``torch.compile``,
-    ``DataParallel``) runs as its original module (:func:`hooks.unwrap`). The layers' outputs are kept
-    without a copy unless the model has modules that work in place (:func:`hooks.has_in_place_modules`) or
-    the call has forward arguments (which it may change in place, so that a rerun would see them changed);
-    if a functional in-place op (``y += x``, ``F.relu(y, inplace=True)``) overwrites one, the forward runs
-    once more, with copies and from the same RNG state — the same maps, at the cost of a second forward.
+    model is refused if TorchScript (:func:`check_guidable`) unless ``guidable`` says the caller has
+    checked. Layers and ``guided`` need an ``nn.Module``; the input gradient alone any callable. A wrapped
+    module (``torch.compile``, ``DataParallel``) runs as its original module (:func:`hooks.unwrap`). The
+    layers' outputs are kept without a copy unless the model has modules that work in place
+    (:func:`hooks.has_in_place_modules`) or the call has forward arguments (which it may change in place,
+    so that a rerun would see them changed); if a functional in-place op (``y += x``, ``F.relu(y,
+    inplace=True)``) overwrites one, the forward runs once more, with copies and from the same RNG state —
+    the same maps, at the cost of a second forward.
     """
     inputs = as_inputs(x)
     check_model(model)
@@ -82,6 +84,8 @@ def gradient_pass(
         module = check_module(model, "guided backprop" if guided else "a layer method")
         requested = [_layer_key(module, layer) for layer in layers]  # names with a wrapper's prefix too
         model = module = hooks.unwrap(module)
+    if guided and not guidable:
+        check_guidable(module)
     named = [name for name in requested if name is not None]
     batch = inputs.batch
 
@@ -205,7 +209,7 @@ def shared_passes(
     :func:`gradient_pass`.
     """
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    if guided:  # here, not in gradient_pass: refused before the plain pass runs, and checked once
+    if guided:  # refused before the plain pass runs; the guided pass need not walk the model again
         check_guidable(check_module(model, "guided backprop"))
     plain = guided_result = None
     if input_grad or layers:
@@ -214,7 +218,7 @@ def shared_passes(
         target = plain.target
     if guided:
         guided_result = gradient_pass(model, inputs, target, input_grad=True, guided=True,
-                                      eval_mode=eval_mode)
+                                      eval_mode=eval_mode, guidable=True)
         target = guided_result.target
     if plain is None and guided_result is None:
         raise ValueError("shared_passes needs input_grad, layers or guided")

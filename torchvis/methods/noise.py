@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from torchvis.core import layouts
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_model, check_module
 from torchvis.core.passes import target_pass
 from torchvis.core.targets import Target, given_target, take_target
@@ -99,6 +100,8 @@ def _smoothed(
     inputs = as_inputs(x, forward_args, forward_kwargs)
     spec = wrapped_spec(method, options)
     check_cam_upsample([spec], options, inputs.first)  # before the clean forward, not after it
+    if "reshape" in options:
+        layouts.check_reshape(options["reshape"])
     check_model(model)
     if spec.needs_hooks:
         check_module(model, spec.name)

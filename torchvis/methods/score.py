@@ -109,10 +109,10 @@ def score_cam(
     # The masked passes too run the module the probe hooks.
     module = hooks.unwrap(check_module(model, "Score-CAM"))
     batch_size = batch_size_for(inputs, batch_size)
+    reading = default_reshape(module, layer, reshape)  # a bad reshape refused before the probe pass
     probe = activation_pass(model, inputs, target, layer=layer, eval_mode=eval_mode, layer_input=layer_input)
     model = module
     spatial = tuple(x.shape[2:])
-    reading = default_reshape(model, layer, reshape)
     activation = layouts.to_feature_map(probe.activation, reading, spatial, probe.layer)
     check_feature_map(activation, "Score-CAM", probe.layer, x)
     scores = channel_scores(model, inputs, activation, probe.target, batch_size=batch_size,
