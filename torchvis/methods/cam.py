@@ -154,9 +154,13 @@ def check_upsample(upsample: Upsample, x: Tensor, *, guided: bool = False) -> No
         raise ValueError("guided Grad-CAM multiplies by the CAM at the input's size; upsample cannot be None")
 
 
-def check_cam_upsample(specs: Iterable[MethodSpec], options: Mapping[str, Any], x: Tensor) -> None:
-    """Refuse, before any pass runs, an ``upsample`` in ``options`` that a CAM among ``specs`` (or
-    wrapped by one, as SmoothGrad of Grad-CAM) would refuse for ``x`` (:func:`check_upsample`)."""
+def check_cam_options(specs: Iterable[MethodSpec], options: Mapping[str, Any], x: Tensor) -> None:
+    """Refuse, before any pass runs, the layer methods' options in ``options`` that would be refused
+    after it: an ``upsample`` that a CAM among ``specs`` (or wrapped by one, as SmoothGrad of
+    Grad-CAM) would refuse for ``x`` (:func:`check_upsample`), and a ``reshape`` that is none
+    (:func:`torchvis.core.layouts.check_reshape`)."""
+    if "reshape" in options:
+        layouts.check_reshape(options["reshape"])
     if "upsample" not in options:
         return
     cams = [s for spec in specs for s in (spec, spec.wrapped(options))

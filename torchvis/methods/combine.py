@@ -7,13 +7,12 @@ from typing import Any, NamedTuple
 
 from torch import Tensor
 
-from torchvis.core import layouts
 from torchvis.core.hooks import LayerAddress, address, is_element
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_module
 from torchvis.core.passes import shared_passes
 from torchvis.core.reads import one_host_read
 from torchvis.core.targets import Target
-from torchvis.methods.cam import check_cam_upsample, default_reshape
+from torchvis.methods.cam import check_cam_options, default_reshape
 from torchvis.methods.spec import MethodSpec, Need, extra_arguments, spec_of
 
 Method = str | Callable[..., Tensor] | MethodSpec
@@ -85,9 +84,7 @@ def explain_batch(
     many = isinstance(layer, list) or (isinstance(layer, tuple) and not is_element(layer))
     layers: list[LayerAddress | None] = list(layer) if many else [layer]  # type: ignore[arg-type, list-item]
     results: dict[str, Tensor] = {}
-    check_cam_upsample(specs, options, inputs.first)  # the CAMs' options, refused before any pass
-    if "reshape" in options:
-        layouts.check_reshape(options["reshape"])
+    check_cam_options(specs, options, inputs.first)  # the layer methods' options, refused before any pass
 
     shared_specs = [spec for spec in specs if spec.shared]
     shared_layers = any(spec.takes_layer for spec in shared_specs)

@@ -10,11 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from torchvis.core import layouts
 from torchvis.core.inputs import InputLike, Model, as_inputs, check_model, check_module
 from torchvis.core.passes import target_pass
 from torchvis.core.targets import Target, given_target, take_target
-from torchvis.methods.cam import check_cam_upsample
+from torchvis.methods.cam import check_cam_options
 from torchvis.methods.perturbation import batch_size_for
 from torchvis.methods.spec import Look, MethodSpec, Need, extra_arguments, register, spec_of
 
@@ -99,9 +98,7 @@ def _smoothed(
     (``None`` when ``noise == 0``: every copy is ``x``, and the mean is one call of ``method``)."""
     inputs = as_inputs(x, forward_args, forward_kwargs)
     spec = wrapped_spec(method, options)
-    check_cam_upsample([spec], options, inputs.first)  # before the clean forward, not after it
-    if "reshape" in options:
-        layouts.check_reshape(options["reshape"])
+    check_cam_options([spec], options, inputs.first)  # before the clean forward, not after it
     check_model(model)
     if spec.needs_hooks:
         check_module(model, spec.name)
