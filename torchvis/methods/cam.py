@@ -270,13 +270,26 @@ def grad_cam(
     ``forward_args``/``forward_kwargs`` go to the model (see :mod:`torchvis.core.inputs`). Needs an
     ``nn.Module`` (it reads the layer through hooks).
     """
+    return cam_of(grad_cam_heat, "Grad-CAM", model, x, target, layer=layer, relu=relu, upsample=upsample,
+                  reshape=reshape, layer_input=layer_input, eval_mode=eval_mode, forward_args=forward_args,
+                  forward_kwargs=forward_kwargs)
+
+
+def cam_of(
+    heat: Heat, method: str, model: Model, x: InputLike, target: Target, *, layer: LayerAddress | None,
+    relu: bool, upsample: Upsample, reshape: layouts.Reshape, layer_input: bool, eval_mode: bool,
+    forward_args: Any, forward_kwargs: Mapping[str, Any] | None,
+) -> Tensor:
+    """A CAM method (``heat``, named ``method`` in messages) called on its own, as :func:`grad_cam` and its
+    variants are: the options refused before the pass, one plain pass at ``layer``, :func:`cam_from`,
+    and the pass's and the map's checks read once (:mod:`torchvis.core.reads`)."""
     inputs = as_inputs(x, forward_args, forward_kwargs)
-    check_upsample(upsample, inputs.first)  # the options refused before the pass, not after it
+    check_upsample(upsample, inputs.first)
     reshape = default_reshape(model, layer, reshape)
-    with one_host_read():  # the pass's and the map's checks: one host read
+    with one_host_read():
         (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
                                   layer_input=layer_input)
-        return grad_cam_from(shared, relu=relu, upsample=upsample, reshape=reshape)
+        return cam_from(shared, heat, method, relu=relu, upsample=upsample, reshape=reshape)
 
 
 def guided_grad_cam(

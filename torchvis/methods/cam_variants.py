@@ -18,11 +18,10 @@ from torch import Tensor
 
 from torchvis.core import layouts
 from torchvis.core.hooks import LayerAddress
-from torchvis.core.inputs import InputLike, Model, as_inputs
-from torchvis.core.passes import Shared, shared_passes
-from torchvis.core.reads import one_host_read
+from torchvis.core.inputs import InputLike, Model
+from torchvis.core.passes import Shared
 from torchvis.core.targets import Target
-from torchvis.methods.cam import Heat, Upsample, cam_from, check_upsample, default_reshape
+from torchvis.methods.cam import Heat, Upsample, cam_from, cam_of
 from torchvis.methods.spec import Look, Need, register
 
 
@@ -77,13 +76,9 @@ def _variant(
     upsample: Upsample, reshape: layouts.Reshape, layer_input: bool, eval_mode: bool, forward_args: Any,
     forward_kwargs: Mapping[str, Any] | None,
 ) -> Tensor:
-    inputs = as_inputs(x, forward_args, forward_kwargs)
-    check_upsample(upsample, inputs.first)  # the options refused before the pass, not after it
-    reshape = default_reshape(model, layer, reshape)
-    with one_host_read():  # the pass's and the map's checks: one host read
-        (shared,) = shared_passes(model, inputs, target, layers=[layer], eval_mode=eval_mode,
-                                  layer_input=layer_input)
-        return _variant_from(heat, shared, relu, upsample, reshape)
+    return cam_of(heat, _TITLES[heat], model, x, target, layer=layer, relu=relu, upsample=upsample,
+                  reshape=reshape, layer_input=layer_input, eval_mode=eval_mode, forward_args=forward_args,
+                  forward_kwargs=forward_kwargs)
 
 
 def grad_cam_pp_from(
