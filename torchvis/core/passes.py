@@ -9,7 +9,6 @@ backward that stops at the deepest tensor requested.
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from torchvis.core import hooks, layouts
+from torchvis.core.caller import warn_user
 from torchvis.core.forward import check_finite, grad_leaf, guarded
 from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, check_module
@@ -134,7 +134,7 @@ def gradient_pass(
         if None in requested:
             chosen = pick_feature_layer(maps)
             outputs.setdefault(chosen.name, chosen.output)
-            warnings.warn(f"layer=None: using {chosen.name!r}, the last spatial feature map", stacklevel=4)
+            warn_user(f"layer=None: using {chosen.name!r}, the last spatial feature map")
         wanted = (leaves if input_grad else []) + list(outputs.values())
         if wanted and not score.requires_grad:
             raise ValueError(
@@ -305,7 +305,7 @@ def activation_pass(
         if name is None:
             chosen = pick_feature_layer(maps, grad=False)
             name, output = chosen.name, chosen.output
-            warnings.warn(f"layer=None: using {name!r}, the last spatial feature map", stacklevel=3)
+            warn_user(f"layer=None: using {name!r}, the last spatial feature map")
         else:
             output = _single_call_output(rec, name)
         t = resolve_target(target, logits, inputs.batch)
@@ -329,10 +329,9 @@ def _layer_key(model: nn.Module, layer: LayerAddress | None) -> str | None:
         return hooks.address(model, layer).key
     vit = layouts.vit_layer(model)
     if vit is not None:
-        warnings.warn(
+        warn_user(
             f"layer=None: using {vit!r}, the last ViT block's normalised input (tokens [B,N,D], read as "
-            "a patch grid by reshape='auto'); the final encoder.ln sees only the class token's gradient",
-            stacklevel=5,
+            "a patch grid by reshape='auto'); the final encoder.ln sees only the class token's gradient"
         )
     return vit
 
@@ -362,10 +361,9 @@ def _single_call_output(rec: hooks.Recording, name: str) -> Tensor:
 
 def _warn_untreated(report: hooks.ActivationReport) -> None:
     seen = ", ".join(f"{name} ({n} calls)" for name, n in sorted(report.untreated.items()))
-    warnings.warn(
+    warn_user(
         f"guided backprop only rewrites ReLU gradients; the model also uses {seen}, whose gradients "
-        "pass through unchanged",
-        stacklevel=5,
+        "pass through unchanged"
     )
 
 

@@ -16,8 +16,6 @@ Heat is computed from float32 copies of ``A`` and ``g`` when they are bf16/fp16 
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchvis.core import layouts
+from torchvis.core.caller import warn_user
 from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Model, as_inputs
 from torchvis.core.passes import Shared, shared_passes
@@ -112,24 +111,13 @@ def warn_if_empty(heat: Tensor, activation: Tensor, layer_name: str) -> None:
             if bool((activation < 0).any())
             else "the target's gradient at the layer weighs every location's channels to zero or less"
         )
-        warnings.warn(
+        warn_user(
             f"the CAM at {layer_name!r} is exactly zero for {empty} of {heat.shape[0]} examples, so it "
             f"shows nothing for them; {hint}",
             EmptyMapWarning,
-            stacklevel=_first_caller_outside_torchvis(),
         )
 
     on_host(heat.flatten(1).abs().amax(dim=1), check)
-
-
-def _first_caller_outside_torchvis() -> int:
-    """The ``stacklevel`` (for a warning issued by our caller) of the first frame outside torchvis, so
-    a warning points at the user's line whether it came through ``grad_cam``, ``explain`` or a
-    monitor, and whether it is issued at once or when the call's queued checks are read."""
-    frame, level = sys._getframe(2), 2
-    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("torchvis."):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def interpolation(upsample: Upsample, rank: int) -> str | None:

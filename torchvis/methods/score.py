@@ -3,7 +3,6 @@ by each channel, forward passes only."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from torchvis.core import hooks, layouts
+from torchvis.core.caller import warn_user
 from torchvis.core.forward import guarded
 from torchvis.core.hooks import LayerAddress
 from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_module
@@ -124,10 +124,9 @@ def score_cam(
     cam = upsample_to(heat, x).clamp_min(0).to(x.dtype)
     empty = (scores == 0).all(dim=1)
     if empty.any():
-        warnings.warn(
+        warn_user(
             f"Score-CAM: every channel of layer {probe.layer!r} is constant (or scores 0) for example(s) "
-            f"{empty.nonzero()[:, 0].tolist()}; their maps are 0",
-            stacklevel=2,
+            f"{empty.nonzero()[:, 0].tolist()}; their maps are 0"
         )
     return cam
 

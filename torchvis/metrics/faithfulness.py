@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple, overload
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
+from torchvis.core.caller import warn_user
 from torchvis.core.forward import check_finite, checked_logits, guarded
 from torchvis.core.inputs import InputLike, Inputs, Model, as_inputs, check_model, fill_like, fills, per_input
 from torchvis.core.targets import Resolved, Target, is_function, resolve_target, score_of, take_target
@@ -432,9 +432,8 @@ def _warn_constant(weights: Tensor, *, image: bool = True) -> None:
     constant = int((weights == weights[:, :1]).all(dim=1).sum())
     if constant:
         order = "pixels are removed in index order (row by row)" if image else "features are removed in order"
-        warnings.warn(
+        warn_user(
             f"the attribution map is constant for {constant} of {weights.shape[0]} examples: their {order}, "
             "so their score says nothing about the map",
             EmptyMapWarning,
-            stacklevel=3,
         )

@@ -14,7 +14,6 @@ that lower it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from torchvis.core.caller import warn_user
 from torchvis.core.targets import is_function
 from torchvis.methods.spec import SPECS, Look
 from torchvis.rendering import image as im
@@ -210,7 +210,7 @@ def _cells(inputs: tuple[Tensor, ...], i: int, maps: Mapping[str, Tensor | tuple
     batch = x.shape[0]
     reason = kinds.undrawable(x)
     if reason is not None:
-        warnings.warn(f"input {i}: cannot draw {reason}", kinds.UndrawableWarning, stacklevel=3)
+        warn_user(f"input {i}: cannot draw {reason}", kinds.UndrawableWarning)
         return [[f"cannot draw {reason}"] * batch for _ in range(1 + len(maps))] + ["nearest"]
     kind = kinds.kind_of(x)
     if kind is kinds.Kind.IMAGE:  # exactly as before tuples and other kinds
@@ -231,7 +231,7 @@ def _cells(inputs: tuple[Tensor, ...], i: int, maps: Mapping[str, Tensor | tuple
             continue
         problem = kinds.undrawable(x, attr)
         if problem is not None:
-            warnings.warn(f"{key} of input {i}: cannot draw {problem}", kinds.UndrawableWarning, stacklevel=3)
+            warn_user(f"{key} of input {i}: cannot draw {problem}", kinds.UndrawableWarning)
             columns.append([f"cannot draw {problem}"] * batch)
         elif kind is kinds.Kind.IMAGE:
             columns.append(_render(key, attr, x))

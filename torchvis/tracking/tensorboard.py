@@ -45,7 +45,6 @@ import math
 import os
 import re
 import tempfile
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +53,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.tensorboard import summary
 
+from torchvis.core.caller import warn_user
 from torchvis.core.forward import guarded
 from torchvis.core.hooks import LayerRef, resolve_layer
 from torchvis.core.inputs import InputLike, Inputs, as_inputs
@@ -250,7 +250,7 @@ def _drawable(tag: str, x: Tensor, attr: Tensor | None = None) -> bool:
     warnings module shows a repeated message once)."""
     reason = kinds.undrawable(x, attr)
     if reason is not None:
-        warnings.warn(f"{tag}: cannot draw {reason}; it is left out", kinds.UndrawableWarning, stacklevel=3)
+        warn_user(f"{tag}: cannot draw {reason}; it is left out", kinds.UndrawableWarning)
     return reason is None
 
 
