@@ -171,12 +171,9 @@ def background_monitor(repeats: int, span: int = 20, train_batch: int = 64) -> l
         without = Monitor(model, writer, x, y, **kw)
         step = iter(range(1, 10**6))
 
-        def drained() -> None:  # outside the timed part of (a): each logging step finds the queue empty
-            behind.wait()
-
         def logged(monitor: Monitor) -> Callable[[], float]:
             def run() -> float:  # the training thread's CPU seconds of one logging step
-                drained()
+                behind.wait()  # outside the timed part: each logging step finds the queue empty
                 begin = time.thread_time()
                 monitor.log(next(step))
                 return time.thread_time() - begin
@@ -186,13 +183,13 @@ def background_monitor(repeats: int, span: int = 20, train_batch: int = 64) -> l
 
         def spanned(monitor: Monitor) -> Callable[[], tuple[float, float, float]]:
             def run() -> tuple[float, float, float]:
-                drained()
+                behind.wait()
                 wall, cpu = time.perf_counter(), time.process_time()
                 monitor.log(next(step))  # the span's first step logs
                 for _ in range(span):
                     train_step()
                 trained = time.perf_counter() - wall
-                drained()  # the worker's rest, after the last training step
+                behind.wait()  # the worker's rest, after the last training step
                 return trained, time.perf_counter() - wall - trained, time.process_time() - cpu
             return run
 

@@ -171,13 +171,38 @@ def test_monitor_logs_a_model_with_one_score_per_example_without_labels(tmp_path
     lines = (tmp_path / "torchvis-classes" / "step_000000.md").read_text().splitlines()[2:]
     np.testing.assert_allclose([float(line.split("|")[3]) for line in lines], model(x).detach().numpy(),
                                rtol=1e-3)
-    assert not (tmp_path / "torchvis-probe_accuracy").exists()
+    scalars = tmp_path / "scalars.csv"  # where PNGWriter writes every scalar
+    assert not scalars.exists() or "probe_accuracy" not in scalars.read_text()
     AttributionCallback(x, None, methods=("saliency",))
     # Labels for a model without classes are refused at the first step, where the output is seen.
     labels = torch.zeros(B, dtype=torch.long)
     with PNGWriter(tmp_path / "b") as sink, Monitor(model, sink, x, labels, methods=("saliency",)) as given, \
             pytest.raises(ValueError, match="leave labels out"):
         given.log(0)
+
+
+def test_monitor_logs_a_classifier_without_labels(tmp_path: Path) -> None:
+    """A ``[B, classes]`` model with no labels: the text has no true column and no count of correct
+    predictions, and no accuracy is logged; with labels both are there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(3, 4)).eval()
+    x = torch.rand(B, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    predicted = model(x).argmax(dim=1).tolist()
+    for labels, folder in ((None, tmp_path / "without"), (torch.tensor(predicted), tmp_path / "with")):
+        with PNGWriter(folder) as sink, Monitor(model, sink, x, labels, methods=("saliency",)) as monitor:
+            monitor.log(0)
+        text = (folder / "torchvis-classes" / "step_000000.md").read_text()
+        scalars = folder / "scalars.csv"
+        if labels is None:
+            assert "| true |" not in text and "correct" not in text
+            assert not scalars.exists() or "probe_accuracy" not in scalars.read_text()
+        else:
+            assert "| true |" in text and f"{B} of {B} correct" in text
+            assert "torchvis/probe_accuracy,0,1.0" in scalars.read_text()
+        shown = [line.split("|")[2 if labels is None else 3].strip() for line in text.splitlines() if
+                 line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+        assert shown == [str(c) for c in predicted]
 
 
 def test_the_callback_keeps_its_own_copy_of_the_forward_arguments() -> None:

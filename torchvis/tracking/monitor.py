@@ -42,6 +42,7 @@ from torchvis.tracking.tensorboard import (
     check_logging,
     check_sink,
     check_writable,
+    host_labels,
     is_closed,
     log_checked,
     model_device,
@@ -140,9 +141,7 @@ class Monitor:
         self._probe = moved(inputs, device, copy=True)
         self._key: tuple[torch.device, torch.dtype] | None = None
         self._inputs = self._follow_dtype(model_dtype(model))
-        # Only read (a range check, the text, the accuracy): kept on the host, read from the device once.
-        self.labels: list[int] | None = (None if labels is None
-                                         else torch.as_tensor(as_target(labels)).tolist())
+        self.labels = host_labels(labels)
         target = as_target(target)
         self.target = target.to(device, copy=True) if isinstance(target, Tensor) else target
         self.logged_steps: list[int] = []

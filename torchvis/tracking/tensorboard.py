@@ -131,10 +131,9 @@ def log_attributions(
     check_sink(writer)
     device = model_device(model) or inputs.device
     target = as_target(target)
-    true = None if labels is None else torch.as_tensor(labels).tolist()
     return log_checked(writer, model, moved(inputs, device),
                        target.to(device) if isinstance(target, Tensor) else target, step=step,
-                       methods=methods, labels=true, layer=layer,
+                       methods=methods, labels=host_labels(labels), layer=layer,
                        mean=mean, std=std, class_names=class_names, feature_names=feature_names,
                        prefix=prefix, log_inputs=log_inputs, looks=looks, metrics=metrics,
                        metric_options=metric_options, **options)
@@ -168,12 +167,11 @@ def log_checked(
     host (they are only read: the range check, the text, the accuracy)."""
     x = inputs.tensors
     batch = inputs.batch
-    true = labels
     with guarded(model, inputs.first, grad=False), torch.no_grad():
         output = inputs.call(model)
     logits = output.float() if _is_logits(output, batch) else None
     if logits is None:
-        if true is not None:
+        if labels is not None:
             raise ValueError(f"labels are true classes, but the model's output is {_shape(output)}, not "
                              f"[B={batch}, classes]; leave labels out")
         resolved = resolve_target(target, output, batch)
@@ -182,8 +180,8 @@ def log_checked(
         if class_names is not None and len(class_names) != logits.shape[1]:
             raise ValueError(
                 f"class_names has {len(class_names)} names; the model has {logits.shape[1]} classes")
-        if true is not None and max(true) >= logits.shape[1]:
-            raise ValueError(f"labels go up to {max(true)}; the model has {logits.shape[1]} classes")
+        if labels is not None and max(labels) >= logits.shape[1]:
+            raise ValueError(f"labels go up to {max(labels)}; the model has {logits.shape[1]} classes")
         predicted = logits.argmax(dim=1)
         resolved = explained = predicted if target is None else resolve_target(target, logits)
     maps = explain(model, x if inputs.was_tuple else x[0], explained, methods=methods, layer=layer,
@@ -215,19 +213,22 @@ def log_checked(
     if logits is not None:
         probability = logits.softmax(dim=1).gather(1, predicted[:, None])[:, 0]
         classes = list(class_names) if class_names is not None else [str(c) for c in range(logits.shape[1])]
-        shown_target: list[int | str] | None = None
-        if is_function(target):
-            shown_target = [explained_text(target, 0)] * batch
-        elif target is not None:
-            shown_target = explained.tolist()
-        guesses = predicted.tolist()
-        text = classes_text(classes, guesses, probability.tolist(), true, shown_target)
+        given = target is not None and not is_function(target)  # explained: classes of its own
+        # The predictions, their probabilities and the explained classes: one host read.
+        read = torch.stack([predicted.double(), probability.double(),
+                            *([explained.double()] if given else [])]).tolist()
+        guesses = [int(v) for v in read[0]]
+        shown_target: list[int | str] | None = (
+            [int(v) for v in read[2]] if given
+            else [explained_text(target, 0)] * batch if is_function(target) else None
+        )
+        text = classes_text(classes, guesses, read[1], labels, shown_target)
     else:
         text = scores_text(target, score_of(output, resolved, batch).float().tolist())
     writer.add_text(f"{prefix}/classes", text, step)
     add_scalar = getattr(writer, "add_scalar", None)
-    if logits is not None and true is not None and callable(add_scalar):
-        right = sum(guess == label for guess, label in zip(guesses, true, strict=True))
+    if logits is not None and labels is not None and callable(add_scalar):
+        right = sum(guess == label for guess, label in zip(guesses, labels, strict=True))
         add_scalar(f"{prefix}/probe_accuracy", right / batch, step)
     if metrics:
         extra = {"forward_args": inputs.forward_args or None,
@@ -312,9 +313,15 @@ def scores_text(target: Any, scores: Sequence[float]) -> str:
     """A markdown table of the explained score per example, for a model whose output is not
     ``[B, classes]`` (a callable target, an index into a larger output, one score per example)."""
     lines = ["| # | explained | score |", "|---|---|---|"]
-    on_host = target.cpu() if isinstance(target, Tensor) else target  # one read, not one per example
-    lines += [f"| {i} | {explained_text(on_host, i)} | {s:.4g} |" for i, s in enumerate(scores)]
+    shown = target.cpu() if isinstance(target, Tensor) else target  # one read, not one per example
+    lines += [f"| {i} | {explained_text(shown, i)} | {s:.4g} |" for i, s in enumerate(scores)]
     return "\n".join(lines)
+
+
+def host_labels(labels: Any) -> list[int] | None:
+    """The true classes (anything :func:`check_logging` accepts, NumPy included) as a host list, read
+    once: a logging step only reads them (the range check, the text, the accuracy)."""
+    return None if labels is None else torch.as_tensor(as_target(labels)).tolist()
 
 
 def model_device(model: nn.Module) -> torch.device | None:
