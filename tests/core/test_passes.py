@@ -222,3 +222,20 @@ def test_a_guided_call_walks_the_model_for_torchscript_once(monkeypatch: pytest.
 def test_guided_grad_cam_names_itself_for_a_layer_without_spatial_dimensions() -> None:
     with pytest.raises(ValueError, match="guided Grad-CAM needs a layer"):
         torchvis.guided_grad_cam(build("plain"), torch.randn(1, 2, 6, 6, dtype=torch.float64), layer="fc")
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "layer_cam", "guided_grad_cam"])
+def test_a_cam_on_features_without_spatial_dimensions_names_the_layer_not_the_upsampling(method: str) -> None:
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    with pytest.raises(ValueError, match="needs a layer whose output is a feature map"):
+        getattr(torchvis, method)(model, torch.randn(2, 6, dtype=torch.float64), layer="1")
+
+
+def test_guided_grad_cam_from_the_passes_refuses_upsample_none_itself() -> None:
+    from torchvis.core.passes import shared_passes
+    from torchvis.methods.cam import guided_grad_cam_from
+
+    (shared,) = shared_passes(build("plain"), torch.randn(1, 2, 6, 6, dtype=torch.float64), layers=["conv2"],
+                              guided=True)
+    with pytest.raises(ValueError, match="upsample cannot be None"):
+        guided_grad_cam_from(shared, upsample=None)

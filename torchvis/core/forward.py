@@ -161,14 +161,13 @@ class _SavedRng:
 
 
 @contextmanager
-def kept_rng(cuda: list[torch.device]) -> Iterator[Callable[[], None]]:
+def kept_rng(cuda: list[torch.device]) -> Iterator[None]:
     """The global CPU generator's state (and that of each ``cuda`` device) saved on entry and put back
     on exit, whatever happens inside: ``torch.random.fork_rng(devices=cuda)`` without its per-call
-    checks and warnings, which cost 20 µs of every small call. Yields the function that puts it back,
-    for a block that reruns something from the same state."""
+    checks and warnings, which cost 20 µs of every small call."""
     saved = _SavedRng(cuda)
     try:
-        yield saved.restore
+        yield
     finally:
         saved.restore()
 

@@ -137,8 +137,9 @@ def interpolation(upsample: Upsample, rank: int) -> str | None:
 def check_upsample(upsample: Upsample, x: Tensor, *, guided: bool = False) -> None:
     """Refuse, before any pass runs, an ``upsample`` that :func:`upsample_to` would refuse for ``x``
     (the first input ``[B,C,*spatial]``); with ``guided`` also ``None``, since guided Grad-CAM
-    multiplies by the CAM at ``x``'s size."""
-    if interpolation(upsample, x.dim() - 2) is None and guided:
+    multiplies by the CAM at ``x``'s size. Only the value is judged here: an input without spatial
+    dimensions is refused by the layer's own check, with a message about the layer."""
+    if interpolation(upsample, max(x.dim() - 2, 1)) is None and guided:
         raise ValueError("guided Grad-CAM multiplies by the CAM at the input's size; upsample cannot be None")
 
 
@@ -215,6 +216,7 @@ def guided_grad_cam_from(
 ) -> Tensor:
     """:func:`guided_grad_cam` from the shared plain pass (at one layer) and guided pass."""
     assert shared.guided_grad is not None
+    check_upsample(upsample, shared.x, guided=True)  # for a caller that did not check before the passes
     activation, grad = layer_maps(shared, reshape)
     check_feature_map(activation, "guided Grad-CAM", shared.layer, shared.x)
     return guided_cam(shared.guided_grad, activation, grad, shared.x, upsample)
